@@ -1,0 +1,307 @@
+"""The codec API the pipeline uses: ``encode(frames) -> payloads``, ``decode(payloads) -> features``,
+``head(task, features) -> results``, plus checkpoints that carry the CDF tables and a model fingerprint.
+
+A checkpoint is a plain dict saved with ``torch.save`` and loaded with ``weights_only=True`` (no pickled code):
+architecture (student spec, teacher YAMLs, input size), weights, entropy-model buffers (the CDF tables, built
+once by ``update()`` at export) and the fingerprint. The edge loads only the encoder and the entropy model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from codec.model import CDF_BUFFERS, SplitModel
+from codec.student import EdgeEncoder, StudentSpec, count_macs
+from codec.teachers import TASKS, MultiTaskTeachers, TeacherSpec, postprocess
+from compressai.entropy_models import EntropyBottleneck
+from compressai.models.utils import update_registered_buffers
+
+FORMAT = "ladon-split-checkpoint"
+FORMAT_VERSION = 1
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "default.pt"
+
+
+class CodecError(ValueError):
+    """Bad input to the codec: names what was expected. The caller can drop the item and go on."""
+
+
+class ForeignBitstreamError(CodecError):
+    """A payload made by another model (fingerprint mismatch): its CDF tables are not ours."""
+
+
+class CheckpointError(CodecError):
+    """A checkpoint from another architecture, another format, or without CDF tables."""
+
+
+@dataclass(frozen=True)
+class EncodedFrame:
+    """One frame's entropy-coded latent. ``fingerprint`` (when set) must match the decoder's model."""
+
+    payload: bytes
+    latent_shape: tuple[int, int, int]
+    fingerprint: bytes | None = None
+
+
+@dataclass
+class Features:
+    """Shared-body output for a batch of frames: Ultralytics layer index -> tensor. Computed once per frame."""
+
+    cache: dict[int, torch.Tensor]
+    batch: int
+
+
+def model_fingerprint(spec: StudentSpec, input_size: int, teacher_yaml: dict, eb: EntropyBottleneck) -> bytes:
+    """16-byte hash of the architecture and the entropy model's tables: equal iff bitstreams are compatible."""
+    h = hashlib.sha256()
+    arch = {"spec": spec.to_dict(), "input_size": input_size, "teachers": teacher_yaml, "format": FORMAT_VERSION}
+    h.update(json.dumps(arch, sort_keys=True, default=str).encode())
+    for name in (*CDF_BUFFERS, "quantiles"):
+        t = getattr(eb, name).detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.digest()[:16]
+
+
+def _frames_to_tensor(frames: np.ndarray, size: int) -> torch.Tensor:
+    if not isinstance(frames, np.ndarray):
+        raise CodecError(f"frames must be a numpy uint8 array (B,{size},{size},3) RGB, got {type(frames).__name__}")
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.dtype != np.uint8:
+        raise CodecError(f"frames must have dtype uint8, got {frames.dtype}")
+    if frames.ndim != 4 or frames.shape[1:] != (size, size, 3):
+        raise CodecError(f"frames must have shape (B,{size},{size},3) (letterbox to the model input first), "
+                         f"got {frames.shape}")
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+class _EntropyCoding:
+    """Shared encode path of the full codec and the edge-only codec."""
+
+    encoder: EdgeEncoder
+    entropy_bottleneck: EntropyBottleneck
+    input_size: int
+    fingerprint: bytes
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray) -> list[EncodedFrame]:
+        """Frames (B,S,S,3) uint8 RGB at the model input size -> one entropy-coded payload per frame."""
+        x = _frames_to_tensor(frames, self.input_size)
+        y = self.encoder(x)
+        strings = self.entropy_bottleneck.compress(y)
+        shape = tuple(int(s) for s in y.shape[1:])
+        return [EncodedFrame(bytes(s), shape, self.fingerprint) for s in strings]
+
+    @torch.no_grad()
+    def estimate_bytes(self, frames: np.ndarray) -> list[float]:
+        """The entropy model's estimate of each frame's payload size (bytes), without coding."""
+        x = _frames_to_tensor(frames, self.input_size)
+        y = self.encoder(x)
+        _, lik = self.entropy_bottleneck(y, training=False)
+        return [float(v) for v in (-torch.log2(lik).flatten(1).sum(1) / 8.0)]
+
+    @torch.no_grad()
+    def latents(self, frames: np.ndarray) -> torch.Tensor:
+        """Integer latent symbols (what the entropy coder codes), for checks and benchmarks."""
+        x = _frames_to_tensor(frames, self.input_size)
+        return self.entropy_bottleneck.quantize(self.encoder(x), "symbols")
+
+    def encoder_stats(self) -> dict:
+        return {"encoder_params": sum(p.numel() for p in self.encoder.parameters()),
+                "entropy_model_params": sum(p.numel() for p in self.entropy_bottleneck.parameters()),
+                "encoder_macs": count_macs(self.encoder, (1, 3, self.input_size, self.input_size))}
+
+
+class SplitCodec(_EntropyCoding):
+    """Everything: encode (edge), decode + shared body (server), heads (consumers)."""
+
+    def __init__(self, model: SplitModel):
+        self.model = model.eval()
+        self.encoder, self.entropy_bottleneck = model.encoder, model.entropy_bottleneck
+        self.input_size = model.input_size
+        if self.entropy_bottleneck._quantized_cdf.numel() == 0:
+            self.entropy_bottleneck.update(force=True)
+        self.fingerprint = model_fingerprint(model.spec, model.input_size,
+                                             model.teachers.export_state()["yaml"], self.entropy_bottleneck)
+        self.class_names = {t: model.teachers.names(t) for t in TASKS}
+        self.latent_shape = (model.spec.latent_channels, self.input_size // 4, self.input_size // 4)
+
+    # ------------------------------------------------------------- construction
+    @classmethod
+    def random(cls, input_size: int = 64, seed: int = 0, spec: StudentSpec | None = None) -> "SplitCodec":
+        """Randomly initialised model of the default architecture: for plumbing tests, never for results."""
+        torch.manual_seed(seed)
+        teachers = MultiTaskTeachers.from_spec(TeacherSpec(input_size=input_size))
+        model = SplitModel(teachers, spec, input_size)
+        model.entropy_bottleneck.update(force=True)
+        return cls(model)
+
+    # ------------------------------------------------------------- server side
+    @torch.no_grad()
+    def decode(self, encoded: Sequence[EncodedFrame]) -> Features:
+        """Entropy-decode, run the decoder and the shared body once for the batch."""
+        y_hat = self.decode_latents(encoded)
+        cache = self.model.body_from_split(self.model.decoder(y_hat))
+        return Features(cache, len(encoded))
+
+    @torch.no_grad()
+    def decode_latents(self, encoded: Sequence[EncodedFrame]) -> torch.Tensor:
+        """Entropy-decode only: the dequantised latent (B,C,h,w), bit-identical on any machine."""
+        if not encoded:
+            raise CodecError("decode() needs at least one EncodedFrame")
+        for i, e in enumerate(encoded):
+            if not isinstance(e, EncodedFrame):
+                raise CodecError(f"item {i} is a {type(e).__name__}, expected EncodedFrame")
+            if e.fingerprint is not None and e.fingerprint != self.fingerprint:
+                raise ForeignBitstreamError(
+                    f"payload {i} was made by model {e.fingerprint.hex()}, this decoder holds the CDF tables of "
+                    f"{self.fingerprint.hex()}; load the checkpoint the edge uses")
+            if tuple(e.latent_shape) != self.latent_shape:
+                raise CodecError(f"payload {i} declares latent shape {tuple(e.latent_shape)}, "
+                                 f"expected {self.latent_shape}")
+            if not e.payload:
+                raise CodecError(f"payload {i} is empty")
+        strings = [e.payload for e in encoded]
+        return self.entropy_bottleneck.decompress(strings, self.latent_shape[1:])
+
+    @torch.no_grad()
+    def head(self, task: str, features: Features, conf: float = 0.25) -> list:
+        """One task's per-frame results (see :func:`codec.teachers.postprocess` for the forms)."""
+        if task not in TASKS:
+            raise CodecError(f"unknown task {task!r}; expected one of {TASKS}")
+        raw = self.model.teachers.head_raw(task, features.cache)
+        return postprocess(task, raw, self.input_size, conf=conf, end2end=self._end2end)
+
+    def heads(self, features: Features, tasks: Sequence[str] = TASKS) -> list[dict]:
+        """All requested heads, regrouped per frame: [{task: result}, ...]."""
+        per_task = {t: self.head(t, features) for t in tasks}
+        return [{t: per_task[t][i] for t in tasks} for i in range(features.batch)]
+
+    @torch.no_grad()
+    def teachers_on_frames(self, frames: np.ndarray, tasks: Sequence[str] = TASKS, conf: float = 0.25) -> list[dict]:
+        """The reference: the teachers run on the raw frames (no compression)."""
+        x = _frames_to_tensor(frames, self.input_size)
+        cache = self.model.teachers.backbone(x)
+        per_task = {t: postprocess(t, self.model.teachers.head_raw(t, cache), self.input_size, conf=conf,
+                                   end2end=self._end2end) for t in tasks}
+        return [{t: per_task[t][i] for t in tasks} for i in range(x.shape[0])]
+
+    @property
+    def _end2end(self) -> bool:
+        return bool(getattr(self.model.teachers.detect, "end2end", False))
+
+    # ------------------------------------------------------------- checkpoints
+    def save(self, path: str | Path, extra: dict | None = None) -> Path:
+        """Write the full checkpoint (teachers once, student, CDF tables, fingerprint) atomically."""
+        m = self.model
+        state = {
+            "format": FORMAT, "version": FORMAT_VERSION, "input_size": m.input_size,
+            "student_spec": m.spec.to_dict(), "teachers": m.teachers.export_state(),
+            "encoder": m.encoder.state_dict(), "entropy_bottleneck": m.entropy_bottleneck.state_dict(),
+            "decoder": m.decoder.state_dict(), "fingerprint": self.fingerprint.hex(),
+            "extra": extra or {},
+        }
+        return _atomic_save(state, path)
+
+    def save_edge(self, path: str | Path) -> Path:
+        """Write what the device needs (encoder, entropy model, fingerprint): well under 1 MB."""
+        m = self.model
+        state = {"format": FORMAT + "-edge", "version": FORMAT_VERSION, "input_size": m.input_size,
+                 "student_spec": m.spec.to_dict(), "encoder": m.encoder.state_dict(),
+                 "entropy_bottleneck": m.entropy_bottleneck.state_dict(), "fingerprint": self.fingerprint.hex()}
+        return _atomic_save(state, path)
+
+
+class EdgeCodec(_EntropyCoding):
+    """The device's half: encoder + entropy model only. Loads from a full or an edge checkpoint."""
+
+    def __init__(self, spec: StudentSpec, input_size: int, encoder_state: dict, eb_state: dict, fingerprint: bytes):
+        self.spec, self.input_size, self.fingerprint = spec, int(input_size), fingerprint
+        self.encoder = EdgeEncoder(spec).eval()
+        self.encoder.load_state_dict(encoder_state)
+        self.entropy_bottleneck = EntropyBottleneck(spec.latent_channels).eval()
+        _load_eb(self.entropy_bottleneck, eb_state)
+        self.latent_shape = (spec.latent_channels, self.input_size // 4, self.input_size // 4)
+
+
+def _atomic_save(state: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _load_eb(eb: EntropyBottleneck, state: dict) -> None:
+    missing = [b for b in CDF_BUFFERS if b not in state or state[b].numel() == 0]
+    if missing:
+        raise CheckpointError(f"checkpoint has no CDF tables ({', '.join(missing)}); run update() at export "
+                              f"(codec.api.SplitCodec.save does) and save again")
+    prefixed = {f"eb.{k}": v for k, v in state.items()}
+    update_registered_buffers(eb, "eb", list(CDF_BUFFERS), prefixed, policy="resize")
+    try:
+        eb.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"entropy model does not fit this architecture: {str(exc).splitlines()[0]}") from exc
+
+
+def _read_checkpoint(path: str | Path | None, want_edge_ok: bool) -> dict:
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    if not path.is_file():
+        hint = (" (the default model ships in models/; restore it with `git checkout models/` or train one with "
+                "`python run_pipeline.py train --config configs/train/default.yaml`)") if path == DEFAULT_CHECKPOINT \
+            else ""
+        raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same error for the user
+        raise CheckpointError(f"{path} is not a readable split-model checkpoint: {exc}") from exc
+    fmt = state.get("format") if isinstance(state, dict) else None
+    ok = {FORMAT, FORMAT + "-edge"} if want_edge_ok else {FORMAT}
+    if fmt not in ok:
+        raise CheckpointError(f"{path} has format {fmt!r}, expected {sorted(ok)} (is it an Ultralytics .pt? "
+                              f"teachers go through `train`, not `load_codec`)")
+    if state.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {state.get('version')}, this code reads {FORMAT_VERSION}")
+    return state
+
+
+def load_codec(path: str | Path | None = None) -> SplitCodec:
+    """Load a full checkpoint (None: the shipped default). Raises CheckpointError on a foreign or broken file."""
+    state = _read_checkpoint(path, want_edge_ok=False)
+    try:
+        spec = StudentSpec.from_dict(state["student_spec"])
+        teachers = MultiTaskTeachers.from_state(state["teachers"])
+        model = SplitModel(teachers, spec, state["input_size"])
+        model.encoder.load_state_dict(state["encoder"])
+        model.decoder.load_state_dict(state["decoder"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: weights do not fit the architecture: {str(exc).splitlines()[0]}") from exc
+    _load_eb(model.entropy_bottleneck, state["entropy_bottleneck"])
+    codec = SplitCodec(model)
+    if codec.fingerprint.hex() != state["fingerprint"]:
+        raise CheckpointError(f"{path}: stored fingerprint {state['fingerprint']} does not match its tables "
+                              f"({codec.fingerprint.hex()}); the file is corrupt or was edited")
+    return codec
+
+
+def load_edge(path: str | Path | None = None) -> EdgeCodec:
+    """Load only the encoder and entropy model, from a full or an edge-only checkpoint."""
+    state = _read_checkpoint(path, want_edge_ok=True)
+    try:
+        spec = StudentSpec.from_dict(state["student_spec"])
+        return EdgeCodec(spec, state["input_size"], state["encoder"], state["entropy_bottleneck"],
+                         bytes.fromhex(state["fingerprint"]))
+    except (RuntimeError, KeyError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: edge weights do not fit the architecture: {str(exc).splitlines()[0]}") \
+            from exc
