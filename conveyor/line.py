@@ -1,0 +1,391 @@
+"""The conveyor line: garments on a textured belt, with exact ground truth for every frame.
+
+What a frame shows
+    A belt (a real texture from ``skimage.data``, mirrored so it tiles seamlessly, tinted per seed) between two
+    static rails moves left to right at ``belt_speed`` frame widths per second. Items ride on it at belt speed:
+    Fashion-MNIST garments (real 28x28 images, tinted, scaled to ``min_item``-``max_item`` px at 256 px frames,
+    rotated) or, where Fashion-MNIST is absent or ``items='drawn'``, procedurally drawn parts (one simple shape
+    per class). They enter at the left edge and leave at the right; gaps between items vary, some items overlap
+    and now and then an empty stretch passes. The camera adds slow lighting drift (global gain and a left/right
+    gradient), horizontal motion blur and Gaussian sensor noise.
+
+Ground truth (exact, computed from the render, never estimated)
+    * Item mask: the pixels of the resized and rotated 28x28 image above ``MASK_THRESHOLD``; only those pixels
+      are painted, so the mask *is* the visible garment.
+    * Occlusion: items are painted in spawn order, a later item over an earlier one. An instance mask is the
+      item's *visible* pixels; its box is the bounding box of that mask, in pixel-edge ``xyxy`` coordinates
+      (``x2 = last column + 1``), so boxes are clipped at the frame border by construction.
+    * Items with fewer than ``min_visible`` visible pixels (default 0.15 % of the frame) are left out of the
+      detection / instance truth; the semantic map still paints them (it is the exact per-pixel class).
+    * Semantic map: ``(H, W) uint8``, 0 = background, an item of class ``c`` is ``c + 1`` (``SEMANTIC_NAMES``).
+    * Frame label (classification), the **inspection-line rule**: the inspection line is the vertical centre
+      column ``x = W // 2``. Among the items in the detection truth, the one with the most visible pixels on that
+      column gives the label ``class + 1``; ties go to the front-most (later painted) item. No item pixel on the
+      line gives ``0 = empty`` (``FRAME_LABELS``).
+    * Truth is taken before blur and noise (the blur is a few pixels along the belt direction).
+
+Determinism: everything derives from ``seed``; iterating a line twice gives identical frames, and two seeds give
+two different lines (items, texture tint, lighting phases, noise).
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import math
+import struct
+import sys
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from conveyor.classes import FRAME_LABELS, ITEM_NAMES, NUM_ITEMS
+from pipeline.errors import UsageError
+
+TEXTURES = ("gravel", "grass", "brick")  # skimage.data images bundled with the wheel (load offline)
+ITEM_SOURCES = ("auto", "fashion", "drawn")
+DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+MASK_THRESHOLD = 40  # on the 0..255 garment intensity after resize + rotate
+
+
+@dataclass
+class LineConfig:
+    """Everything that defines a line. Sizes in pixels refer to a 256 px frame and scale with ``size``."""
+
+    size: int = 256  # frame height = width (the model input size); even (H.264 yuv420p)
+    fps: int = 15
+    seed: int = 0
+    items: str = "auto"  # 'auto' (Fashion-MNIST if installed, else drawn) | 'fashion' | 'drawn'
+    texture: str = "gravel"  # one of TEXTURES
+    belt_speed: float = 0.5  # frame widths per second
+    density: float = 1.0  # >1 packs items closer
+    min_item: float = 50.0  # item side before rotation, px at 256
+    max_item: float = 110.0
+    max_rotation: float = 45.0  # degrees, uniform in [-max, max]
+    overlap_prob: float = 0.2  # chance an item is placed overlapping its predecessor
+    empty_prob: float = 0.06  # chance of an empty stretch before an item
+    lighting: float = 0.15  # amplitude of the global gain drift
+    blur: float = 0.5  # exposure as a fraction of the frame time: motion-blur length = blur * px per frame
+    noise: float = 3.0  # sensor noise sigma on 0..255
+    min_visible: float = 0.0015  # fraction of the frame: smaller visible items leave the detection truth
+    fashion_dir: str = DEFAULT_FASHION_DIR
+    fashion_split: str = "train"  # 'train' (60k) | 'test' (10k): use 'test' for a line with unseen garments
+
+    def validate(self) -> None:
+        if not isinstance(self.size, int) or self.size < 64 or self.size % 2:
+            raise UsageError(f"size {self.size!r} is not an even number of pixels >= 64; use e.g. --size 256")
+        if not isinstance(self.fps, int) or not 1 <= self.fps <= 240:
+            raise UsageError(f"fps {self.fps!r} is out of range; use a whole number from 1 to 240, e.g. --fps 15")
+        if self.items not in ITEM_SOURCES:
+            raise UsageError(f"items {self.items!r} is not one of {', '.join(ITEM_SOURCES)}; use e.g. --items auto")
+        if self.texture not in TEXTURES:
+            raise UsageError(f"texture {self.texture!r} is not available offline; choose one of "
+                             f"{', '.join(TEXTURES)}, e.g. --texture gravel")
+        if self.fashion_split not in ("train", "test"):
+            raise UsageError(f"fashion_split {self.fashion_split!r} must be 'train' or 'test'")
+        if not self.belt_speed > 0 or not self.density > 0:
+            raise UsageError(f"belt_speed {self.belt_speed!r} and density {self.density!r} must be > 0")
+        if not 4 <= self.min_item <= self.max_item:
+            raise UsageError(f"item sizes min {self.min_item!r} / max {self.max_item!r} need 4 <= min <= max")
+
+
+@dataclass
+class LineFrame:
+    """One rendered frame and its exact truth (see the module docstring for the rules)."""
+
+    index: int
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    boxes: np.ndarray  # (N, 4) float32 xyxy pixel edges
+    classes: np.ndarray  # (N,) int64, 0..9 (ITEM_NAMES)
+    instance_masks: np.ndarray  # (N, H, W) bool, visible pixels
+    semantic: np.ndarray  # (H, W) uint8, 0 background, class + 1
+    label: int  # index into FRAME_LABELS
+
+    @property
+    def label_name(self) -> str:
+        return FRAME_LABELS[self.label]
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    head = struct.unpack(">" + "I" * (1 + ndim), data[: 4 * (1 + ndim)])
+    if head[0] != magic:
+        raise ValueError(f"{path}: not an idx file with magic {magic} (got {head[0]})")
+    return np.frombuffer(data, np.uint8, offset=4 * (1 + ndim)).reshape(head[1:])
+
+
+@functools.lru_cache(maxsize=4)
+def load_fashion_mnist(root: str = DEFAULT_FASHION_DIR, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST images ``(N, 28, 28) uint8`` and labels ``(N,) uint8`` from the Debian idx .gz files."""
+    prefix = "train" if split == "train" else "t10k"
+    root_p = Path(root)
+    images = _read_idx(root_p / f"{prefix}-images-idx3-ubyte.gz", 2051)
+    labels = _read_idx(root_p / f"{prefix}-labels-idx1-ubyte.gz", 2049)
+    if len(images) != len(labels):
+        raise ValueError(f"{root}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def fashion_available(root: str = DEFAULT_FASHION_DIR, split: str = "train") -> bool:
+    prefix = "train" if split == "train" else "t10k"
+    return all((Path(root) / f"{prefix}-{k}-idx{n}-ubyte.gz").is_file() for k, n in (("images", 3), ("labels", 1)))
+
+
+@functools.lru_cache(maxsize=8)
+def load_texture(name: str) -> np.ndarray:
+    """A grayscale texture from ``skimage.data`` as float32 0..255; UsageError if unknown or not loadable."""
+    if name not in TEXTURES:
+        raise UsageError(f"texture {name!r} is not available offline; choose one of {', '.join(TEXTURES)}")
+    try:
+        import skimage.data
+
+        img = np.asarray(getattr(skimage.data, name)())
+    except Exception as exc:  # noqa: BLE001 - any failure means the texture cannot be used here
+        raise UsageError(f"texture {name!r} could not be loaded ({type(exc).__name__}: {exc}); choose one of "
+                         f"{', '.join(TEXTURES)}") from None
+    if img.ndim == 3:
+        img = cv2.cvtColor(img[..., :3].astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    return img.astype(np.float32)
+
+
+def _poly(canvas: np.ndarray, pts, rng, value: int, s: float) -> None:
+    p = (np.asarray(pts, np.float32) + rng.normal(0, 0.5, (len(pts), 2))) * s
+    cv2.fillPoly(canvas, [np.round(p).astype(np.int32)], int(value), lineType=cv2.LINE_AA)
+
+
+def _line(canvas, a, b, rng, value: int, s: float, thick: float = 1.0) -> None:
+    a = tuple(int(round((v + rng.normal(0, 0.3)) * s)) for v in a)
+    b = tuple(int(round((v + rng.normal(0, 0.3)) * s)) for v in b)
+    cv2.line(canvas, a, b, int(value), max(1, int(round(thick * s))), lineType=cv2.LINE_AA)
+
+
+def draw_part(cls: int, rng: np.random.Generator) -> np.ndarray:
+    """A procedurally drawn 28x28 uint8 stand-in for Fashion-MNIST class ``cls`` (dark background)."""
+    s = 4.0
+    c = np.zeros((112, 112), np.uint8)
+    v = int(rng.integers(150, 256))
+    dark = int(v * 0.45)
+    long_sleeves = [(10, 4), (18, 4), (23, 7), (26, 24), (22, 24), (20, 12), (20, 25), (8, 25), (8, 12), (6, 24),
+                    (2, 24), (5, 7)]
+    if cls == 0:  # tshirt
+        _poly(c, [(10, 4), (18, 4), (25, 9), (22, 13), (20, 11), (20, 25), (8, 25), (8, 11), (6, 13), (3, 9)], rng, v, s)
+    elif cls == 1:  # trouser
+        _poly(c, [(9, 2), (19, 2), (20, 27), (16, 27), (14, 10), (12, 27), (8, 27)], rng, v, s)
+    elif cls == 2:  # pullover
+        _poly(c, long_sleeves, rng, v, s)
+    elif cls == 3:  # dress
+        _poly(c, [(11, 2), (17, 2), (18, 9), (23, 27), (5, 27), (10, 9)], rng, v, s)
+    elif cls == 4:  # coat: long, open front
+        _poly(c, [(10, 2), (18, 2), (23, 5), (26, 26), (22, 26), (21, 12), (21, 27), (7, 27), (7, 12), (6, 26),
+                  (2, 26), (5, 5)], rng, v, s)
+        _line(c, (14, 3), (14, 27), rng, dark, s, 1.2)
+    elif cls == 5:  # sandal: sole and straps
+        _poly(c, [(2, 20), (26, 17), (26, 21), (2, 24)], rng, v, s)
+        for a, b in (((6, 21), (12, 12)), ((12, 12), (19, 19)), ((15, 12), (23, 18))):
+            _line(c, a, b, rng, v, s, 1.6)
+    elif cls == 6:  # shirt: long sleeves, collar and buttons
+        _poly(c, long_sleeves, rng, v, s)
+        _line(c, (11, 4), (14, 8), rng, dark, s, 0.8)
+        _line(c, (17, 4), (14, 8), rng, dark, s, 0.8)
+        _line(c, (14, 8), (14, 25), rng, dark, s, 0.6)
+    elif cls == 7:  # sneaker
+        _poly(c, [(2, 13), (10, 12), (16, 16), (26, 18), (26, 23), (2, 23)], rng, v, s)
+        _line(c, (2, 21), (26, 21), rng, dark, s, 0.8)
+    elif cls == 8:  # bag with handle
+        _poly(c, [(4, 11), (24, 11), (25, 26), (3, 26)], rng, v, s)
+        cv2.ellipse(c, (56, 44), (int(24 + rng.normal(0, 2)), int(20 + rng.normal(0, 2))), 0, 180, 360, v, 7,
+                    lineType=cv2.LINE_AA)
+    else:  # ankle boot
+        _poly(c, [(5, 3), (14, 3), (15, 15), (26, 18), (26, 24), (5, 24)], rng, v, s)
+    img = cv2.resize(c, (28, 28), interpolation=cv2.INTER_AREA).astype(np.float32)
+    img *= rng.uniform(0.8, 1.0, (28, 28)).astype(np.float32)  # fabric-like grain
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------------ items
+@dataclass
+class _Item:
+    cls: int
+    patch: np.ndarray  # (h, w, 3) float32 colour
+    mask: np.ndarray  # (h, w) bool
+    u: float  # belt coordinate of the patch's left edge at frame 0
+    y0: int  # top row
+
+
+class ConveyorLine:
+    """An endless, reproducible conveyor line. ``iter(line)`` starts at frame 0 every time."""
+
+    def __init__(self, cfg: LineConfig | None = None) -> None:
+        self.cfg = cfg = cfg or LineConfig()
+        cfg.validate()
+        self.texture = load_texture(cfg.texture)
+        self.source = cfg.items
+        if cfg.items in ("auto", "fashion"):
+            if fashion_available(cfg.fashion_dir, cfg.fashion_split):
+                self.source = "fashion"
+            elif cfg.items == "fashion":
+                raise UsageError(f"Fashion-MNIST not found in {cfg.fashion_dir}; install the Debian package "
+                                 f"dataset-fashion-mnist, or use --items drawn")
+            else:
+                self.source = "drawn"
+                print(f"warning: Fashion-MNIST not found in {cfg.fashion_dir}; drawing procedural parts instead "
+                      f"(install dataset-fashion-mnist for real garments)", file=sys.stderr)
+        if self.source == "fashion":
+            self._images, self._labels = load_fashion_mnist(cfg.fashion_dir, cfg.fashion_split)
+        n = cfg.size
+        self.scale = n / 256.0
+        self.px_per_frame = cfg.belt_speed * n / cfg.fps
+        self.rail = max(2, int(round(0.06 * n)))
+        self.min_visible_px = max(8, int(round(cfg.min_visible * n * n)))
+        self._blur_len = int(round(cfg.blur * self.px_per_frame))
+
+    # ---- static parts
+    def _belt_tile(self, rng: np.random.Generator) -> np.ndarray:
+        n = self.cfg.size
+        tex = cv2.resize(self.texture, (n, n), interpolation=cv2.INTER_AREA)
+        tex = np.concatenate([tex, tex[:, ::-1]], axis=1)  # mirrored: tiles seamlessly along the belt
+        tex = (tex - tex.mean()) / (tex.std() + 1e-6)
+        tint = rng.uniform(0.75, 1.0, 3).astype(np.float32)
+        base = rng.uniform(90, 140)
+        tile = (base + 28.0 * tex)[..., None] * tint[None, None, :]
+        r = self.rail
+        rail = np.linspace(150, 90, r, dtype=np.float32)[:, None, None] * np.ones((1, tile.shape[1], 3), np.float32)
+        tile[:r] = rail
+        tile[-r:] = rail[::-1]
+        return np.ascontiguousarray(tile, dtype=np.float32)
+
+    def _make_item(self, rng: np.random.Generator) -> tuple[int, np.ndarray, np.ndarray]:
+        cfg = self.cfg
+        if self.source == "fashion":
+            i = int(rng.integers(len(self._labels)))
+            cls, img = int(self._labels[i]), self._images[i]
+        else:
+            cls = int(rng.integers(NUM_ITEMS))
+            img = draw_part(cls, rng)
+        side = max(4, int(round(rng.uniform(cfg.min_item, cfg.max_item) * self.scale)))
+        big = cv2.resize(img, (side, side), interpolation=cv2.INTER_LINEAR)
+        d = int(math.ceil(side * math.sqrt(2))) + 2
+        angle = float(rng.uniform(-cfg.max_rotation, cfg.max_rotation))
+        m = cv2.getRotationMatrix2D((side / 2, side / 2), angle, 1.0)
+        m[:, 2] += (d - side) / 2
+        rot = cv2.warpAffine(big, m, (d, d), flags=cv2.INTER_LINEAR, borderValue=0)
+        if rng.random() < 0.5:
+            rot = rot[:, ::-1]
+        mask = rot > MASK_THRESHOLD
+        ys, xs = np.nonzero(mask)
+        if len(ys) == 0:
+            return self._make_item(rng)
+        y1, y2, x1, x2 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        g = rot[y1:y2, x1:x2].astype(np.float32) / 255.0
+        tint = rng.uniform(0.3, 1.0, 3).astype(np.float32) * rng.uniform(0.8, 1.25)
+        patch = np.clip(255.0 * (0.2 + 0.8 * g[..., None]) * tint[None, None, :], 0, 255).astype(np.float32)
+        return cls, patch, np.ascontiguousarray(mask[y1:y2, x1:x2])
+
+    def _next_item(self, rng: np.random.Generator, prev: _Item | None) -> _Item:
+        cfg, n = self.cfg, self.cfg.size
+        cls, patch, mask = self._make_item(rng)
+        h, w = mask.shape
+        lo, hi = self.rail, n - self.rail - h
+        y0 = int(rng.integers(lo, hi + 1)) if hi >= lo else int((n - h) // 2)
+        if prev is None:
+            u = 0.55 * n - w  # the line starts with an item on the belt
+        else:
+            r = rng.random()
+            mean_side = 0.5 * (cfg.min_item + cfg.max_item) * self.scale
+            if r < cfg.empty_prob:
+                gap = rng.uniform(0.4, 1.1) * n
+            elif r < cfg.empty_prob + cfg.overlap_prob:
+                gap = -rng.uniform(0.15, 0.5) * min(w, prev.mask.shape[1])
+            else:
+                gap = rng.uniform(-0.05, 0.6) * mean_side / cfg.density
+            u = prev.u - gap - w
+        return _Item(cls, patch, mask, float(u), y0)
+
+    # ---- frames
+    def __iter__(self) -> Iterator[LineFrame]:
+        cfg, n = self.cfg, self.cfg.size
+        rng = np.random.default_rng([cfg.seed, 0x11E])
+        tile = self._belt_tile(rng)
+        tw = tile.shape[1]
+        phases = rng.uniform(0, 2 * math.pi, 4)
+        periods = np.array([7.0, 2.3, 11.0, 5.0]) * cfg.fps * rng.uniform(0.8, 1.25, 4)
+        xs_norm = (np.arange(n, dtype=np.float32) / n - 0.5)[None, :, None]
+        kernel = None
+        if self._blur_len > 1:
+            kernel = np.zeros((1, self._blur_len), np.float32)
+            kernel[:] = 1.0 / self._blur_len
+        items: list[_Item] = []
+        last: _Item | None = None
+        col = n // 2
+        t = 0
+        while True:
+            shift = t * self.px_per_frame
+            while last is None or last.u + shift > -2 * n:  # keep the queue filled beyond the left edge
+                last = self._next_item(rng, last)
+                items.append(last)
+            items = [it for it in items if it.u + shift < n]  # gone past the right edge
+            offset = int(round(shift)) % tw
+            img = np.take(tile, (np.arange(n) - offset) % tw, axis=1)
+            owner = np.full((n, n), -1, np.int16)
+            painted: list[int] = []
+            for it in items:
+                x0 = int(round(it.u + shift))
+                h, w = it.mask.shape
+                if x0 >= n or x0 + w <= 0:
+                    continue
+                a, b = max(0, x0), min(n, x0 + w)
+                m = it.mask[:, a - x0:b - x0]
+                k = len(painted)
+                painted.append(it.cls)
+                img[it.y0:it.y0 + h, a:b][m] = it.patch[:, a - x0:b - x0][m]
+                owner[it.y0:it.y0 + h, a:b][m] = k
+            # lighting drift, motion blur, noise
+            ph = 2 * math.pi * t / periods + phases
+            gain = 1.0 + cfg.lighting * math.sin(ph[0]) + 0.4 * cfg.lighting * math.sin(ph[1])
+            slope = 0.8 * cfg.lighting * math.sin(ph[2])
+            img *= (gain * (1.0 + slope * xs_norm)).astype(np.float32)
+            if kernel is not None:
+                img = cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REPLICATE)
+            if cfg.noise > 0:
+                nrng = np.random.default_rng([cfg.seed, 0x7015E, t])
+                img += nrng.standard_normal(img.shape, dtype=np.float32) * np.float32(cfg.noise)
+            image = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+            yield self._truth(t, image, owner, np.asarray(painted, np.int64), col)
+            t += 1
+
+    def _truth(self, t: int, image: np.ndarray, owner: np.ndarray, cls_of: np.ndarray, col: int) -> LineFrame:
+        n = self.cfg.size
+        semantic = np.zeros((n, n), np.uint8)
+        fg = owner >= 0
+        if len(cls_of):
+            semantic[fg] = (cls_of[owner[fg]] + 1).astype(np.uint8)
+        counts = np.bincount(owner[fg], minlength=len(cls_of)) if len(cls_of) else np.zeros(0, np.int64)
+        keep = np.flatnonzero(counts >= self.min_visible_px)
+        masks = owner[None] == keep[:, None, None].astype(np.int16)
+        boxes = np.zeros((len(keep), 4), np.float32)
+        for j in range(len(keep)):
+            rows = np.flatnonzero(masks[j].any(axis=1))
+            cols = np.flatnonzero(masks[j].any(axis=0))
+            boxes[j] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+        label = 0
+        if len(keep):
+            on_line = masks[:, :, col].sum(axis=1)
+            best = int(on_line.max())
+            if best > 0:
+                j = int(np.flatnonzero(on_line == best)[-1])  # ties: the front-most item
+                label = int(cls_of[keep[j]]) + 1
+        return LineFrame(t, image, boxes, cls_of[keep].astype(np.int64), masks, semantic, label)
+
+    def frames(self, n: int) -> Iterator[LineFrame]:
+        """The first ``n`` frames of the line (a fresh start each call)."""
+        return islice(iter(self), n)
+
+
+__all__ = ["LineConfig", "LineFrame", "ConveyorLine", "TEXTURES", "ITEM_NAMES", "FRAME_LABELS",
+           "load_fashion_mnist", "draw_part", "load_texture"]
