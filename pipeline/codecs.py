@@ -1,0 +1,55 @@
+"""Which codec a stage uses, from one string, with one instance per process.
+
+``checkpoint`` values: ``None`` / ``"default"`` -> the shipped model (``codec.api.load_codec(None)``); a file
+path -> ``load_codec(path)``; ``"random:SIZE[:SEED]"`` -> ``SplitCodec.random(input_size=SIZE, seed=SEED)``,
+a randomly initialised model **for plumbing tests only** (the demo never falls back to it).
+Edge and server stages in one process share the instance (it is cached by spec).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pipeline.offline  # noqa: F401
+from pipeline.errors import UsageError
+
+_CACHE: dict[tuple[str, str], Any] = {}
+_LOCK = threading.Lock()
+
+
+def _norm(spec: Any) -> str:
+    return "default" if spec in (None, "", "default") else str(spec)
+
+
+def get_codec(spec: Any = None, edge_only: bool = False):
+    key = _norm(spec)
+    with _LOCK:
+        if (key, "full") in _CACHE:
+            return _CACHE[(key, "full")]
+        if edge_only and (key, "edge") in _CACHE:
+            return _CACHE[(key, "edge")]
+        try:
+            from codec import api
+        except ModuleNotFoundError as exc:  # pragma: no cover - codec is part of the project
+            raise UsageError(f"the codec package is not available ({exc}); it arrives with issue #3") from exc
+        if key.startswith("random:"):
+            parts = key.split(":")
+            try:
+                size = int(parts[1])
+                seed = int(parts[2]) if len(parts) > 2 else 0
+            except (IndexError, ValueError):
+                raise UsageError(f"checkpoint {spec!r}: use random:SIZE[:SEED], e.g. random:64") from None
+            codec, kind = api.SplitCodec.random(input_size=size, seed=seed), "full"
+        else:
+            path = None if key == "default" else key
+            try:
+                if edge_only:
+                    codec, kind = api.load_edge(path), "edge"
+                else:
+                    codec, kind = api.load_codec(path), "full"
+            except FileNotFoundError as exc:
+                raise UsageError(f"{exc}. Pass --checkpoint PATH to use another model.") from exc
+            except api.CodecError as exc:
+                raise UsageError(str(exc)) from exc
+        _CACHE[(key, kind)] = codec
+        return codec

@@ -1,0 +1,39 @@
+"""`run_pipeline.py edge`: the device half. Source -> letterbox -> encoder -> entropy coder -> ZeroMQ PUSH.
+
+Pair it with `run_pipeline.py server --bind tcp://*:5555` on the server machine. At the end of a replay the
+edge sends an end-of-stream message; Ctrl-C / SIGTERM stops the source, sends what is in flight and exits.
+"""
+from __future__ import annotations
+
+import argparse
+
+from pipeline.commands._common import add_common, check_max_frames, list_stages, load, run_graph
+from pipeline.errors import UsageError
+from transport.link import check_endpoint
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=False, default=None, metavar="URL_OR_PATH",
+                   help="video file, image folder, rtsp:// udp:// http:// URL, camera:N or /dev/videoN, conveyor[:SEED]")
+    p.add_argument("--connect", default="tcp://127.0.0.1:5555", metavar="ENDPOINT",
+                   help="the server's ZeroMQ endpoint (default tcp://127.0.0.1:5555)")
+    p.add_argument("--rate", default="native", help="replay pace of a file: native, max or FPS (default native)")
+    p.add_argument("--stream-id", type=int, default=0, help="stream id written into every message (default 0)")
+    add_common(p, out=False)
+
+
+def run(args) -> int:
+    if args.list_stages:
+        return list_stages()
+    check_max_frames(args.max_frames)
+    if args.source is None and args.config is None:
+        raise UsageError("edge needs --source URL_OR_PATH (a file, folder, stream URL, camera:N or conveyor)")
+    check_endpoint(args.connect, "--connect")
+    if not 0 <= args.stream_id < 2 ** 32:
+        raise UsageError(f"--stream-id {args.stream_id}: use 0..4294967295")
+    variables = {"connect": args.connect, "checkpoint": args.checkpoint, "max_frames": args.max_frames,
+                 "rate": args.rate, "stream": args.stream_id}
+    if args.source is not None:
+        variables["source"] = args.source
+    spec = load(args.config or "edge", variables)
+    return run_graph(spec, None, quiet=args.quiet)

@@ -1,0 +1,374 @@
+"""Pipeline graphs: YAML files in ``configs/pipelines/`` loaded into dataclasses, validated, and run.
+
+YAML schema::
+
+    name: demo                       # required, a word
+    description: free text           # optional
+    queue_size: 8                    # optional, default bounded queue length between stages
+    vars:                            # optional defaults for ${NAME} substitutions (the CLI overrides them)
+      out: out
+    stages:                          # required, a non-empty list
+      - name: source                 # required, unique in the graph
+        key: source.video            # required, a registered stage key (run_pipeline.py run --list-stages)
+        inputs: [other_stage]        # names of upstream stages; omitted/empty only for sources
+        queue_size: 4                # optional, this stage's input queue length
+        params: {path: "${source}"}  # keyword arguments of the stage class
+
+A string that is exactly ``${NAME}`` takes the variable's value with its type; ``${NAME}`` inside a longer
+string is replaced by its text. Errors name the file, the key path (``stages[2].inputs``) and what is allowed.
+
+Runtime: each stage runs in its own thread, connected by bounded ``queue.Queue``s; a stage's output goes to
+every stage that lists it as an input (fan-out). A message marked ``live`` that finds a full queue replaces
+the oldest queued message (counted as a drop: live latency stays bounded); everything else waits (replay is
+lossless). Threads, not processes: the heavy work (torch, PyAV, zlib, ZeroMQ) releases the GIL, and moving
+decoded feature tensors between processes would cost a pickle per frame; the benchmark
+(``benchmarks/pipeline_overhead.py``) measures what the thread runtime costs against calling the models
+directly. Edge and server are separate processes when run as ``edge``/``server`` commands.
+"""
+from __future__ import annotations
+
+import queue
+import re
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from pipeline.errors import UsageError
+from pipeline.stage import (EndOfStream, Source, Stage, StageContext, StageStats, as_list, available_stages,
+                            create_stage, get_stage_class)
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+GRAPH_KEYS = {"name", "description", "queue_size", "vars", "stages"}
+STAGE_KEYS = {"name", "key", "inputs", "params", "queue_size"}
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "pipelines"
+
+
+@dataclass
+class StageSpec:
+    name: str
+    key: str
+    inputs: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    queue_size: int | None = None
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    stages: list[StageSpec]
+    queue_size: int = 8
+    description: str = ""
+    vars: dict[str, Any] = field(default_factory=dict)
+    path: str = "<memory>"
+
+    def stage(self, name: str) -> StageSpec:
+        return next(s for s in self.stages if s.name == name)
+
+
+def resolve_config(path_or_name: str) -> Path:
+    """A path, or a bare name of a file in configs/pipelines/ (with or without .yaml)."""
+    p = Path(path_or_name)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / path_or_name, CONFIG_DIR / f"{path_or_name}.yaml"):
+        if cand.is_file():
+            return cand
+    known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    raise UsageError(f"graph config {path_or_name!r} not found; give a YAML path or one of: {', '.join(known)}")
+
+
+def _substitute(value: Any, variables: dict[str, Any], where: str, file: str) -> Any:
+    if isinstance(value, str):
+        m = _VAR.fullmatch(value)
+        if m:
+            if m.group(1) not in variables:
+                raise UsageError(f"{file}: {where}: unknown variable ${{{m.group(1)}}}; "
+                                 f"known: {', '.join(sorted(variables)) or 'none'} (define it under `vars:`)")
+            return variables[m.group(1)]
+
+        def rep(mm):
+            if mm.group(1) not in variables:
+                raise UsageError(f"{file}: {where}: unknown variable ${{{mm.group(1)}}}; "
+                                 f"known: {', '.join(sorted(variables)) or 'none'} (define it under `vars:`)")
+            return str(variables[mm.group(1)])
+
+        return _VAR.sub(rep, value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables, f"{where}.{k}", file) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, variables, f"{where}[{i}]", file) for i, v in enumerate(value)]
+    return value
+
+
+def parse_graph(data: Any, file: str = "<memory>", variables: dict[str, Any] | None = None) -> GraphSpec:
+    """Validate a loaded YAML document and build a GraphSpec. Every error names file, key and allowed values."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{file}: the top level must be a mapping with keys {sorted(GRAPH_KEYS)}")
+    unknown = set(data) - GRAPH_KEYS
+    if unknown:
+        raise UsageError(f"{file}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(GRAPH_KEYS)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise UsageError(f"{file}: `name` must be a word (letters, digits, _ . -), got {name!r}")
+    qs = data.get("queue_size", 8)
+    if not isinstance(qs, int) or isinstance(qs, bool) or qs < 1:
+        raise UsageError(f"{file}: `queue_size` must be an integer >= 1, got {qs!r}")
+    defaults = data.get("vars") or {}
+    if not isinstance(defaults, dict):
+        raise UsageError(f"{file}: `vars` must be a mapping of NAME: value, got {type(defaults).__name__}")
+    variables = {**defaults, **(variables or {})}
+    stages_raw = data.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise UsageError(f"{file}: `stages` must be a non-empty list of stages "
+                         f"(each a mapping with keys {sorted(STAGE_KEYS)})")
+    allowed_keys = available_stages()
+    stages: list[StageSpec] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(stages_raw):
+        where = f"stages[{i}]"
+        if not isinstance(raw, dict):
+            raise UsageError(f"{file}: {where} must be a mapping with keys {sorted(STAGE_KEYS)}")
+        unknown = set(raw) - STAGE_KEYS
+        if unknown:
+            raise UsageError(f"{file}: {where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(STAGE_KEYS)}")
+        sname = raw.get("name")
+        if not isinstance(sname, str) or not _NAME.match(sname):
+            raise UsageError(f"{file}: {where}.name must be a word (letters, digits, _ . -), got {sname!r}")
+        if sname in seen:
+            raise UsageError(f"{file}: {where}.name {sname!r} is used twice; stage names must be unique")
+        seen.add(sname)
+        key = raw.get("key")
+        if key not in allowed_keys:
+            raise UsageError(f"{file}: {where}.key: unknown stage key {key!r}; allowed keys: {', '.join(allowed_keys)}")
+        inputs = raw.get("inputs") or []
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
+            raise UsageError(f"{file}: {where}.inputs must be a list of stage names, got {inputs!r}")
+        params = raw.get("params") or {}
+        if not isinstance(params, dict):
+            raise UsageError(f"{file}: {where}.params must be a mapping, got {type(params).__name__}")
+        params = _substitute(params, variables, f"{where}.params", file)
+        sq = raw.get("queue_size")
+        if sq is not None and (not isinstance(sq, int) or isinstance(sq, bool) or sq < 1):
+            raise UsageError(f"{file}: {where}.queue_size must be an integer >= 1, got {sq!r}")
+        stages.append(StageSpec(sname, key, list(inputs), params, sq))
+    names = [s.name for s in stages]
+    for i, s in enumerate(stages):
+        cls = get_stage_class(s.key)
+        is_source = issubclass(cls, Source)
+        for inp in s.inputs:
+            if inp not in names:
+                raise UsageError(f"{file}: stages[{i}].inputs: no stage named {inp!r}; stages are: {', '.join(names)}")
+            if inp == s.name:
+                raise UsageError(f"{file}: stages[{i}].inputs: stage {s.name!r} cannot feed itself")
+        if is_source and s.inputs:
+            raise UsageError(f"{file}: stages[{i}] ({s.key}) is a source and takes no `inputs`; remove them")
+        if not is_source and not s.inputs:
+            raise UsageError(f"{file}: stages[{i}] ({s.key}) needs `inputs`: the names of the stages feeding it")
+    _topo_order(stages, file)
+    return GraphSpec(name, stages, qs, str(data.get("description", "")), variables, file)
+
+
+def _topo_order(stages: list[StageSpec], file: str) -> list[StageSpec]:
+    by = {s.name: s for s in stages}
+    order, state = [], {}
+
+    def visit(n, chain):
+        if state.get(n) == 1:
+            raise UsageError(f"{file}: stages form a cycle: {' -> '.join(chain + [n])}; a graph must be acyclic")
+        if state.get(n) == 2:
+            return
+        state[n] = 1
+        for i in by[n].inputs:
+            visit(i, chain + [n])
+        state[n] = 2
+        order.append(by[n])
+
+    for s in stages:
+        visit(s.name, [])
+    return order
+
+
+def load_graph(path: str | Path, variables: dict[str, Any] | None = None) -> GraphSpec:
+    path = resolve_config(str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc}") from exc
+    return parse_graph(data, str(path), variables)
+
+
+# --------------------------------------------------------------------------------------------- runtime
+_EOS = EndOfStream()
+
+
+class _Node:
+    def __init__(self, spec: StageSpec, stage: Stage, qsize: int):
+        self.spec = spec
+        self.stage = stage
+        self.queue: queue.Queue = queue.Queue(maxsize=qsize)
+        self.down: list[_Node] = []
+        self.n_inputs = len(spec.inputs)
+        self.stats = StageStats()
+        self.thread: threading.Thread | None = None
+        self.failed: str | None = None
+        self.opened = False
+
+
+class GraphRunner:
+    """Build the stages of a GraphSpec, run them concurrently, and report."""
+
+    def __init__(self, spec: GraphSpec, stop: threading.Event | None = None, shared: dict | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.spec = spec
+        self.stop = stop or threading.Event()
+        self.shared = shared if shared is not None else {}
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.nodes: dict[str, _Node] = {}
+        self.shared.setdefault("graph_nodes", self.nodes)
+        for s in spec.stages:
+            stage = create_stage(s.key, **s.params)
+            self.nodes[s.name] = _Node(s, stage, s.queue_size or spec.queue_size)
+        for s in spec.stages:
+            for i in s.inputs:
+                self.nodes[i].down.append(self.nodes[s.name])
+        self.errors: list[str] = []
+
+    # ---- message passing
+    def _emit(self, node: _Node, msg: Any) -> None:
+        live = bool(getattr(msg, "live", False))
+        for d in node.down:
+            if live:
+                while True:
+                    try:
+                        d.queue.put_nowait(msg)
+                        break
+                    except queue.Full:
+                        try:
+                            old = d.queue.get_nowait()
+                            if isinstance(old, EndOfStream):  # never drop an end marker
+                                d.queue.put(old)
+                                d.queue.put(msg)
+                                break
+                            d.stats.dropped += 1
+                        except queue.Empty:
+                            pass
+            else:
+                d.queue.put(msg)
+
+    def _fail(self, node: _Node, exc: BaseException) -> None:
+        node.failed = f"{type(exc).__name__}: {exc}"
+        msg = f"[{self.spec.name}] stage {node.spec.name!r} ({node.spec.key}) failed: {node.failed}"
+        self.errors.append(msg)
+        self.log(msg)
+        if not isinstance(exc, (UsageError, OSError, RuntimeError, ValueError)):
+            self.log(traceback.format_exc())
+        self.stop.set()
+
+    def _run_source(self, node: _Node) -> None:
+        stage = node.stage
+        try:
+            it = stage.frames()
+            for msg in it:
+                node.stats.processed += 1
+                self._emit(node, msg)
+                if self.stop.is_set():
+                    break
+            if hasattr(it, "close"):
+                it.close()
+        except BaseException as exc:  # noqa: BLE001 - report and shut the graph down cleanly
+            self._fail(node, exc)
+        self._finish(node)
+
+    def _finish(self, node: _Node) -> None:
+        try:
+            for out in as_list(node.stage.close()):
+                self._emit(node, out)
+        except BaseException as exc:  # noqa: BLE001
+            if node.failed is None:
+                self._fail(node, exc)
+        for d in node.down:
+            d.queue.put(_EOS)
+
+    def _run_stage(self, node: _Node) -> None:
+        stage, ended = node.stage, 0
+        tolerate = stage.tolerate_errors
+        while ended < node.n_inputs:
+            msg = node.queue.get()
+            if isinstance(msg, EndOfStream):
+                ended += 1
+                continue
+            if node.failed is not None:
+                continue  # drain so upstream never blocks
+            t0 = time.perf_counter()
+            try:
+                outs = as_list(stage.process(msg))
+            except Exception as exc:  # noqa: BLE001
+                if tolerate:
+                    node.stats.errors += 1
+                    self.log(f"[{self.spec.name}] stage {node.spec.name!r} lost one message: {type(exc).__name__}: {exc}")
+                    continue
+                self._fail(node, exc)
+                continue
+            ms = (time.perf_counter() - t0) * 1000.0
+            node.stats.processed += 1
+            node.stats.busy_s += ms / 1000.0
+            node.stats.last_ms = ms
+            for out in outs:
+                t = getattr(out, "timings", None)
+                if isinstance(t, dict) and node.spec.name not in t:
+                    t[node.spec.name] = ms
+                self._emit(node, out)
+        self._finish(node)
+
+    def open(self) -> None:
+        # open downstream first: receivers bind and sinks create files before sources start producing
+        order = list(reversed(_topo_order(self.spec.stages, self.spec.path)))
+        for s in order:
+            node = self.nodes[s.name]
+            ctx = StageContext(s.name, self.spec.name, self.stop, node.stats, self.shared, self.log, list(s.inputs))
+            try:
+                node.stage.open(ctx)
+            except BaseException:
+                self.close_opened()
+                raise
+            node.opened = True
+
+    def close_opened(self) -> None:
+        for node in self.nodes.values():
+            if node.opened:
+                try:
+                    node.stage.close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def start(self) -> None:
+        for node in self.nodes.values():
+            target = self._run_source if isinstance(node.stage, Source) else self._run_stage
+            node.thread = threading.Thread(target=target, args=(node,), name=f"stage-{node.spec.name}", daemon=True)
+        for node in self.nodes.values():
+            node.thread.start()
+
+    def wait(self, poll: float = 0.2) -> int:
+        for node in self.nodes.values():
+            while node.thread.is_alive():
+                node.thread.join(poll)
+        return 1 if self.errors else 0
+
+    def run(self) -> int:
+        self.open()
+        self.start()
+        return self.wait()
+
+    def stats(self) -> dict[str, StageStats]:
+        return {n: node.stats for n, node in self.nodes.items()}

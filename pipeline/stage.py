@@ -1,0 +1,266 @@
+"""The stage interface, the messages stages pass, and the stage registry.
+
+A stage is a class with a registry key and three methods::
+
+    class MyStage(Stage):
+        key = "sink.mine"                      # how graphs name it
+        def __init__(self, **params): ...       # YAML `params:` arrive here; raise UsageError on a bad value
+        def open(self, ctx): ...                # sockets, files, models (ctx: StageContext)
+        def process(self, msg): ...             # one message in -> None, one message, or a list of messages
+        def close(self): ...                    # flush; may return final messages
+
+A :class:`Source` has no inputs; it implements ``frames()`` (an iterator of messages) instead of
+``process``. Messages are the small dataclasses below. Stages are registered with :func:`register_stage`
+(built-ins in ``stages/``) or through the entry-point group ``ladon.stages`` (third-party packages:
+``my_stage_key = "my_pkg.module:MyStage"``); :func:`create_stage` builds one by key.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, ClassVar, Iterable, Iterator
+
+import numpy as np
+
+from pipeline.errors import UsageError
+
+ENTRY_POINT_GROUP = "ladon.stages"
+
+
+# --------------------------------------------------------------------------------------------- messages
+@dataclass
+class Frame:
+    """A captured frame. ``image`` is (H, W, 3) uint8 RGB."""
+    stream: int
+    index: int
+    capture_ns: int
+    image: np.ndarray
+    live: bool = False
+    timings: dict[str, float] = field(default_factory=dict)  # stage name -> milliseconds
+
+
+@dataclass
+class Packet:
+    """An encoded frame as it travels: one wire message (header + payload)."""
+    stream: int
+    index: int
+    capture_ns: int
+    data: bytes
+    live: bool = False
+    eos: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    image: np.ndarray | None = None  # the original frame, only when edge and server share a process
+    header: Any = None  # transport.wire.WireHeader once received
+    payload: Any = None  # memoryview of the payload once received
+    received_ns: int = 0
+
+
+@dataclass
+class Letterbox:
+    """How the edge fitted the original frame into the square model input."""
+    orig_w: int
+    orig_h: int
+    size: int
+    ratio: float
+    left: int
+    top: int
+    unpad_w: int
+    unpad_h: int
+
+
+@dataclass
+class Features:
+    """The shared body's output for one frame (opaque codec object) plus what the consumers need."""
+    stream: int
+    index: int
+    capture_ns: int
+    sent_ns: int
+    received_ns: int
+    wire_bytes: int
+    latent_shape: tuple[int, int, int]
+    letterbox: Letterbox
+    features: Any
+    timings: dict[str, float] = field(default_factory=dict)
+    image: np.ndarray | None = None
+
+
+@dataclass
+class TaskResult:
+    """One consumer's answer for one frame, already mapped to original-frame coordinates."""
+    task: str
+    source: Features
+    result: Any = None
+    error: str | None = None
+    ms: float = 0.0
+
+
+@dataclass
+class FrameResult:
+    """Everything known about one frame: what the sinks write."""
+    stream: int
+    index: int
+    capture_ns: int
+    sent_ns: int
+    received_ns: int
+    done_ns: int
+    wire_bytes: int
+    latent_shape: tuple[int, int, int]
+    size: tuple[int, int]  # original (width, height)
+    timings: dict[str, float]
+    results: dict[str, Any]
+    errors: dict[str, str]
+    image: np.ndarray | None = None
+
+
+@dataclass
+class EndOfStream:
+    """Sent downstream by the runtime after a stage's inputs have all ended (never passed to process)."""
+    reason: str = "end"
+
+
+# --------------------------------------------------------------------------------------------- interface
+@dataclass
+class StageContext:
+    name: str
+    graph: str
+    stop: threading.Event
+    stats: "StageStats"
+    shared: dict[str, Any]  # objects shared by the stages of one process (e.g. the codec)
+    log: Callable[[str], None]
+    inputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StageStats:
+    processed: int = 0
+    dropped: int = 0
+    errors: int = 0
+    busy_s: float = 0.0
+    last_ms: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    key: ClassVar[str] = ""
+    #: message types this stage accepts (checked when a graph is wired); empty = anything
+    accepts: ClassVar[tuple[type, ...]] = ()
+    #: message types it emits
+    emits: ClassVar[tuple[type, ...]] = ()
+    #: when True the runtime calls process(msg) under a try: a raising call loses that message only
+    tolerate_errors: ClassVar[bool] = False
+
+    ctx: StageContext
+
+    def open(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+
+    def process(self, msg: Any) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> Any:
+        return None
+
+
+class Source(Stage):
+    live: ClassVar[bool] = False
+
+    def frames(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def process(self, msg: Any) -> Any:  # pragma: no cover - sources have no inputs
+        raise RuntimeError(f"source {self.key} takes no input")
+
+
+def now_ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+# --------------------------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[Stage]] = {}
+_BUILTINS_LOADED = False
+_ENTRY_POINTS_LOADED = False
+_EP_ERRORS: dict[str, str] = {}
+_lock = threading.Lock()
+
+
+def register_stage(cls=None, *, key: str | None = None):
+    """Class decorator: ``@register_stage`` (uses ``cls.key``) or ``@register_stage(key="...")``."""
+
+    def wrap(c):
+        k = key or c.key
+        if not k:
+            raise ValueError(f"{c.__name__} needs a `key`")
+        c.key = k
+        if k in _REGISTRY and _REGISTRY[k] is not c:
+            raise ValueError(f"stage key {k!r} already registered by {_REGISTRY[k].__module__}.{_REGISTRY[k].__name__}")
+        _REGISTRY[k] = c
+        return c
+
+    return wrap(cls) if cls is not None else wrap
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    for mod in ("stages.sources", "stages.edge", "stages.server", "stages.consumers", "stages.sinks"):
+        importlib.import_module(mod)
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            continue
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken plugin must not take the built-ins down
+            _EP_ERRORS[ep.name] = f"{ep.value}: {type(exc).__name__}: {exc}"
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Stage)):
+            _EP_ERRORS[ep.name] = f"{ep.value} is not a pipeline.stage.Stage subclass"
+            continue
+        cls.key = cls.key or ep.name
+        _REGISTRY[ep.name] = cls
+
+
+def available_stages() -> list[str]:
+    with _lock:
+        _load_builtins()
+        _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_stage_class(key: str) -> type[Stage]:
+    keys = available_stages()
+    if key not in _REGISTRY:
+        if key in _EP_ERRORS:
+            raise UsageError(f"stage {key!r} is declared by an installed package (entry point group "
+                             f"{ENTRY_POINT_GROUP!r}) but failed to load: {_EP_ERRORS[key]}")
+        raise UsageError(f"unknown stage key {key!r}; allowed keys: {', '.join(keys)} "
+                         f"(third-party stages register under the entry-point group {ENTRY_POINT_GROUP!r})")
+    return _REGISTRY[key]
+
+
+def create_stage(key: str, **params) -> Stage:
+    """Build the stage registered under ``key`` with ``params``. Unknown key -> UsageError naming allowed keys."""
+    cls = get_stage_class(key)
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise UsageError(f"stage {key!r}: bad parameters {sorted(params)}: {exc}") from exc
+
+
+def as_list(out: Any) -> Iterable[Any]:
+    if out is None:
+        return ()
+    if isinstance(out, (list, tuple)):
+        return out
+    return (out,)

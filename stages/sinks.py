@@ -1,0 +1,306 @@
+"""Sinks: JSON Lines, annotated video, ZeroMQ PUB, live console line. Schema: README "Streaming pipeline"."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UsageError
+from pipeline.stage import FrameResult, Stage, register_stage
+
+
+def rle_encode(cmap: np.ndarray) -> dict:
+    """Run-length encoding of a class map, row-major: values[i] repeated counts[i] times."""
+    flat = np.asarray(cmap).reshape(-1)
+    if flat.size == 0:
+        return {"size": list(cmap.shape), "values": [], "counts": []}
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts = np.concatenate(([0], change))
+    counts = np.diff(np.concatenate((starts, [flat.size])))
+    return {"size": [int(cmap.shape[0]), int(cmap.shape[1])], "values": flat[starts].astype(int).tolist(),
+            "counts": counts.astype(int).tolist()}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    h, w = rle["size"]
+    return np.repeat(np.asarray(rle["values"], np.uint8), np.asarray(rle["counts"], np.int64)).reshape(h, w)
+
+
+def _names(shared: dict, task: str) -> list[str]:
+    codec = shared.get("codec")
+    return list(getattr(codec, "class_names", {}).get(task, [])) if codec is not None else []
+
+
+def frame_to_json(fr: FrameResult, shared: dict | None = None) -> dict:
+    shared = shared or {}
+    lat = {k: round(float(v), 3) for k, v in fr.timings.items()}
+    lat["total"] = round((fr.done_ns - fr.capture_ns) / 1e6, 3) if fr.capture_ns else None
+    obj = {"stream": fr.stream, "frame": fr.index,
+           "timestamps": {"capture_ns": fr.capture_ns, "sent_ns": fr.sent_ns, "received_ns": fr.received_ns,
+                          "done_ns": fr.done_ns},
+           "latency_ms": lat, "bytes": fr.wire_bytes, "latent_shape": list(fr.latent_shape),
+           "size": list(fr.size)}
+    det = fr.results.get("detection")
+    if det is not None:
+        names = _names(shared, "detection")
+        cls = [int(c) for c in det["classes"]]
+        obj["detection"] = {"boxes": [[round(float(v), 2) for v in b] for b in det["boxes"]],
+                            "scores": [round(float(s), 4) for s in det["scores"]], "classes": cls,
+                            "names": [names[c] if 0 <= c < len(names) else str(c) for c in cls]}
+    seg = fr.results.get("segmentation")
+    if seg is not None:
+        obj["segmentation"] = rle_encode(seg)
+    clf = fr.results.get("classification")
+    if clf is not None:
+        names = _names(shared, "classification")
+        lab = int(clf["label"])
+        obj["classification"] = {"label": lab, "name": names[lab] if 0 <= lab < len(names) else str(lab),
+                                 "top5": [[int(c), round(float(p), 4)] for c, p in clf.get("top5", [])]}
+    for task, res in fr.results.items():  # tasks added by plugins: JSON-able results pass through
+        if task not in obj and task not in ("detection", "segmentation", "classification"):
+            try:
+                json.dumps(res)
+                obj[task] = res
+            except TypeError:
+                obj[task] = repr(res)
+    obj["errors"] = dict(fr.errors)
+    return obj
+
+
+@register_stage
+class JsonlSink(Stage):
+    """One JSON object per frame, one line each, flushed per line (the file is valid at every line end)."""
+    key = "sink.jsonl"
+    accepts = (FrameResult,)
+
+    def __init__(self, path: str = "out/results.jsonl"):
+        self.path = Path(path)
+
+    def open(self, ctx) -> None:
+        super().open(ctx)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(self.path, "w", encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot write {str(self.path)!r}: {exc}") from exc
+
+    def process(self, fr: FrameResult):
+        self.fh.write(json.dumps(frame_to_json(fr, self.ctx.shared), separators=(",", ":")) + "\n")
+        self.fh.flush()
+
+    def close(self):
+        fh = getattr(self, "fh", None)
+        if fh is not None and not fh.closed:
+            fh.close()
+
+
+_PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+                     [0, 128, 128], [220, 190, 255], [170, 110, 40], [128, 0, 0]], np.uint8)
+
+
+def annotate(image: np.ndarray, fr: FrameResult, shared: dict | None = None, alpha: float = 0.4) -> np.ndarray:
+    """Draw boxes, the segmentation overlay (class 0 = background, left clear) and the label with cv2."""
+    import cv2
+    shared = shared or {}
+    out = np.ascontiguousarray(image.copy())
+    seg = fr.results.get("segmentation")
+    if seg is not None and seg.shape[:2] == out.shape[:2]:
+        mask = seg > 0
+        if mask.any():
+            color = _PALETTE[seg % len(_PALETTE)]
+            out[mask] = (out[mask] * (1 - alpha) + color[mask] * alpha).astype(np.uint8)
+    det = fr.results.get("detection")
+    names = _names(shared, "detection")
+    if det is not None:
+        for b, s, c in zip(det["boxes"], det["scores"], det["classes"]):
+            x1, y1, x2, y2 = (int(round(float(v))) for v in b)
+            col = tuple(int(v) for v in _PALETTE[int(c) % len(_PALETTE)])
+            cv2.rectangle(out, (x1, y1), (x2, y2), col, 1)
+            name = names[int(c)] if 0 <= int(c) < len(names) else str(int(c))
+            cv2.putText(out, f"{name} {float(s):.2f}", (x1, max(8, y1 - 2)), cv2.FONT_HERSHEY_PLAIN, 0.7, col, 1)
+    clf = fr.results.get("classification")
+    if clf is not None:
+        cn = _names(shared, "classification")
+        lab = int(clf["label"])
+        text = cn[lab] if 0 <= lab < len(cn) else str(lab)
+        p = clf["top5"][0][1] if clf.get("top5") else 0.0
+        cv2.putText(out, f"{text} {p:.2f}", (2, 12), cv2.FONT_HERSHEY_PLAIN, 0.9, (255, 255, 255), 1)
+    if fr.errors:
+        cv2.putText(out, "err: " + ",".join(fr.errors), (2, out.shape[0] - 4), cv2.FONT_HERSHEY_PLAIN, 0.8,
+                    (255, 0, 0), 1)
+    return out
+
+
+class _FrameReader:
+    """Re-reads the original frames of a replayed file by index (the server does not receive pixels)."""
+
+    def __init__(self, uri: str | None):
+        self.uri = uri
+        self.it = None
+        self.next_index = 0
+        if uri:
+            from stages.sources import source_for
+            p = Path(str(uri))
+            if not (p.is_file() or p.is_dir()):
+                self.uri = None  # a live source cannot be re-read: draw on a grey canvas
+                return
+            import threading
+
+            from pipeline.stage import StageContext, StageStats
+            self.src = source_for(str(uri), rate="max")
+            self.src.open(StageContext("annotate-reader", "annotate", threading.Event(), StageStats(), {},
+                                       lambda m: print(m, file=sys.stderr)))
+            self.it = self.src.frames()
+
+    def get(self, index: int, size: tuple[int, int]) -> np.ndarray:
+        w, h = size
+        while self.it is not None and self.next_index <= index:
+            try:
+                f = next(self.it)
+            except StopIteration:
+                self.it = None
+                break
+            self.next_index += 1
+            if self.next_index - 1 == index and f.image.shape[:2] == (h, w):
+                return f.image
+        return np.full((h, w, 3), 64, np.uint8)
+
+
+@register_stage
+class VideoSink(Stage):
+    """Annotated H.264 MP4 via PyAV. Draws on the original frames: carried in-process, re-read from
+    ``frames_from`` (the replayed file or folder), or a grey canvas when neither is available."""
+    key = "sink.video"
+    accepts = (FrameResult,)
+
+    def __init__(self, path: str = "out/annotated.mp4", fps: float = 15, frames_from: str | None = None,
+                 codec: str = "libx264"):
+        self.path, self.fps, self.frames_from, self.vcodec = Path(path), float(fps), frames_from, codec
+
+    def open(self, ctx) -> None:
+        super().open(ctx)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.container = None
+        self.reader = _FrameReader(self.frames_from) if self.frames_from else None
+        if self.frames_from and Path(str(self.frames_from)).is_file():
+            import av
+            try:
+                with av.open(str(self.frames_from)) as c:
+                    r = c.streams.video[0].average_rate
+                    if r:
+                        self.fps = float(r)
+            except Exception:  # noqa: BLE001
+                pass
+        self.written = 0
+
+    def _open_container(self, w: int, h: int) -> None:
+        import av
+        from fractions import Fraction
+        self.container = av.open(str(self.path), "w")
+        self.vs = self.container.add_stream(self.vcodec, rate=Fraction(self.fps).limit_denominator(1000))
+        self.vs.width, self.vs.height = w + (w % 2), h + (h % 2)
+        self.vs.pix_fmt = "yuv420p"
+        self.size = (w, h)
+
+    def process(self, fr: FrameResult):
+        import av
+        w, h = fr.size
+        if self.container is None:
+            self._open_container(w, h)
+        img = fr.image if fr.image is not None else (self.reader.get(fr.index, (w, h)) if self.reader
+                                                      else np.full((h, w, 3), 64, np.uint8))
+        img = annotate(img, fr, self.ctx.shared)
+        if (w, h) != self.size or img.shape[1] != self.vs.width or img.shape[0] != self.vs.height:
+            import cv2
+            img = cv2.resize(img, (self.vs.width, self.vs.height))
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+        for pkt in self.vs.encode(vf):
+            self.container.mux(pkt)
+        self.written += 1
+
+    def close(self):
+        c = getattr(self, "container", None)
+        if c is not None:
+            for pkt in self.vs.encode():
+                c.mux(pkt)
+            c.close()
+            self.container = None
+        return None
+
+
+@register_stage
+class ZmqPubSink(Stage):
+    """Publish each frame's JSON object on a ZeroMQ PUB socket: two frames, topic then JSON."""
+    key = "sink.zmq_pub"
+    accepts = (FrameResult,)
+
+    def __init__(self, endpoint: str = "tcp://*:5556", topic: str = "ladon", bind: bool = True):
+        from transport.link import check_endpoint
+        self.endpoint = check_endpoint(endpoint, "sink.zmq_pub endpoint")
+        self.topic, self.bind = topic.encode(), bool(bind)
+
+    def open(self, ctx) -> None:
+        super().open(ctx)
+        import zmq
+        self.sock = zmq.Context.instance().socket(zmq.PUB)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        try:
+            (self.sock.bind if self.bind else self.sock.connect)(self.endpoint)
+        except zmq.ZMQError as exc:
+            self.sock.close(0)
+            raise UsageError(f"sink.zmq_pub cannot bind {self.endpoint!r}: {exc}") from exc
+
+    def process(self, fr: FrameResult):
+        self.sock.send_multipart([self.topic, json.dumps(frame_to_json(fr, self.ctx.shared)).encode()])
+
+    def close(self):
+        s = getattr(self, "sock", None)
+        if s is not None:
+            s.close()
+            self.sock = None
+
+
+@register_stage
+class ConsoleSink(Stage):
+    """A live status line on stderr: fps, kB/frame, mean latency per stage, drops and errors."""
+    key = "sink.console"
+    accepts = (FrameResult,)
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s = float(interval_s)
+
+    def open(self, ctx) -> None:
+        super().open(ctx)
+        self.t0 = self.last = time.monotonic()
+        self.n = self.n_win = 0
+        self.bytes = 0
+        self.lat: dict[str, float] = {}
+        self.tty = sys.stderr.isatty()
+
+    def line(self) -> str:
+        now = time.monotonic()
+        fps = self.n_win / max(now - self.last, 1e-9)
+        nodes = self.ctx.shared.get("graph_nodes", {})
+        drops = sum(n.stats.dropped for n in nodes.values())
+        errs = sum(n.stats.errors for n in nodes.values())
+        lat = " ".join(f"{k} {v / max(self.n_win, 1):.1f}" for k, v in self.lat.items())
+        return (f"frames {self.n}  {fps:5.1f} fps  {self.bytes / max(self.n, 1) / 1000:.2f} kB/frame  "
+                f"ms: {lat}  drops {drops}  errors {errs}")
+
+    def process(self, fr: FrameResult):
+        self.n += 1
+        self.n_win += 1
+        self.bytes += fr.wire_bytes
+        for k, v in fr.timings.items():
+            self.lat[k] = self.lat.get(k, 0.0) + float(v)
+        if time.monotonic() - self.last >= self.interval_s:
+            print(("\r" if self.tty else "") + self.line(), end="" if self.tty else "\n", file=sys.stderr, flush=True)
+            self.last, self.n_win, self.lat = time.monotonic(), 0, {}
+
+    def close(self):
+        if getattr(self, "n", 0) and self.tty:
+            print(file=sys.stderr)

@@ -1,0 +1,112 @@
+"""ZeroMQ links between the edge and the server.
+
+Socket pattern: **PUSH (edge) -> PULL (server)**. Why this and not DEALER/ROUTER:
+
+* the data path is one way (frames go up, results never come back to the camera), so a request/reply
+  envelope would only add bytes and a routing frame per message;
+* PUSH blocks once its high-water mark is reached, which is exactly the back-pressure a lossless replay needs
+  (the edge waits for the server instead of dropping); a live source sends with NOBLOCK instead and counts the
+  frames ZeroMQ refuses as drops, keeping latency bounded;
+* several PULL workers connected to one PUSH get ZeroMQ's fair round-robin for free (topology (b) in the
+  design: scale out by adding workers, no home-made scheduler); several edges may connect to one PULL.
+
+Each message is one ZeroMQ frame holding one :mod:`transport.wire` message; ``len(frame)`` is the data size.
+"""
+from __future__ import annotations
+
+import re
+import time
+
+import zmq
+
+from pipeline.errors import UsageError
+
+_ENDPOINT = re.compile(r"^(tcp://(\*|[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5}|\*)|ipc://.+|inproc://.+)$")
+
+
+def check_endpoint(endpoint: str, what: str = "endpoint") -> str:
+    """Validate a ZeroMQ endpoint string, raising UsageError naming it and the accepted forms."""
+    if not isinstance(endpoint, str) or not _ENDPOINT.match(endpoint):
+        raise UsageError(f"{what} {endpoint!r} is not a ZeroMQ endpoint; use tcp://HOST:PORT "
+                         f"(e.g. tcp://127.0.0.1:5555), tcp://*:PORT to bind, or ipc:///tmp/NAME")
+    m = re.match(r"^tcp://.*:(\d+)$", endpoint)
+    if m and not 0 < int(m.group(1)) < 65536:
+        raise UsageError(f"{what} {endpoint!r}: port {m.group(1)} is outside 1..65535")
+    return endpoint
+
+
+class LinkTimeout(RuntimeError):
+    """Nothing could be sent (no peer accepted the message) within the link timeout."""
+
+
+class PushLink:
+    """Edge side: connect (default) or bind a PUSH socket and send wire messages."""
+
+    def __init__(self, endpoint: str, bind: bool = False, hwm: int = 64, send_timeout_s: float = 30.0,
+                 context: zmq.Context | None = None):
+        check_endpoint(endpoint)
+        self.endpoint = endpoint
+        self.send_timeout_s = send_timeout_s
+        self._ctx = context or zmq.Context.instance()
+        self.sock = self._ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, hwm)
+        self.sock.setsockopt(zmq.LINGER, int(send_timeout_s * 1000))
+        try:
+            (self.sock.bind if bind else self.sock.connect)(endpoint)
+        except zmq.ZMQError as exc:
+            self.sock.close(0)
+            raise UsageError(f"cannot {'bind' if bind else 'connect'} {endpoint!r}: {exc}") from exc
+        self.bytes_sent = 0
+        self.sent = 0
+        self.dropped = 0
+
+    def send(self, message: bytes, live: bool = False) -> bool:
+        """Send one message. Live: never wait, return False (and count a drop) when ZeroMQ's queue is full.
+        Replay: wait for the peer, up to ``send_timeout_s`` without progress, then raise LinkTimeout."""
+        if live:
+            try:
+                self.sock.send(message, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self.dropped += 1
+                return False
+        else:
+            deadline = time.monotonic() + self.send_timeout_s
+            while True:
+                if self.sock.poll(100, zmq.POLLOUT):
+                    self.sock.send(message, copy=False)
+                    break
+                if time.monotonic() > deadline:
+                    raise LinkTimeout(f"no server took a frame at {self.endpoint} within {self.send_timeout_s:.0f} s; "
+                                      f"is `run_pipeline.py server --bind ...` running and reachable?")
+        self.sent += 1
+        self.bytes_sent += len(message)
+        return True
+
+    def close(self, linger_s: float | None = None) -> None:
+        self.sock.close(int((self.send_timeout_s if linger_s is None else linger_s) * 1000))
+
+
+class PullLink:
+    """Server side: bind (default) or connect a PULL socket and receive wire messages with a poll timeout."""
+
+    def __init__(self, endpoint: str, bind: bool = True, hwm: int = 64, context: zmq.Context | None = None):
+        check_endpoint(endpoint)
+        self._ctx = context or zmq.Context.instance()
+        self.sock = self._ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.RCVHWM, hwm)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        try:
+            (self.sock.bind if bind else self.sock.connect)(endpoint)
+        except zmq.ZMQError as exc:
+            self.sock.close(0)
+            raise UsageError(f"cannot {'bind' if bind else 'connect'} {endpoint!r}: {exc} "
+                             f"(port in use or address not on this machine?)") from exc
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
+
+    def recv(self, timeout_ms: int = 100) -> bytes | None:
+        if self.sock.poll(timeout_ms, zmq.POLLIN):
+            return self.sock.recv(copy=True)
+        return None
+
+    def close(self) -> None:
+        self.sock.close(0)
