@@ -179,9 +179,9 @@ class SplitCodec(_EntropyCoding):
         raw = self.model.teachers.head_raw(task, features.cache)
         return postprocess(task, raw, self.input_size, conf=conf, end2end=self._end2end)
 
-    def heads(self, features: Features, tasks: Sequence[str] = TASKS) -> list[dict]:
+    def heads(self, features: Features, tasks: Sequence[str] = TASKS, conf: float = 0.25) -> list[dict]:
         """All requested heads, regrouped per frame: [{task: result}, ...]."""
-        per_task = {t: self.head(t, features) for t in tasks}
+        per_task = {t: self.head(t, features, conf=conf) for t in tasks}
         return [{t: per_task[t][i] for t in tasks} for i in range(features.batch)]
 
     @torch.no_grad()

@@ -17,7 +17,6 @@ def ensure_offline(config_dir: str | os.PathLike | None = None) -> None:
         return
     os.environ.setdefault("YOLO_OFFLINE", "1")  # is_online() -> False: no hub, no asset downloads
     os.environ.setdefault("YOLO_AUTOINSTALL", "0")  # never pip-install missing requirements at run time
-    os.environ.setdefault("YOLO_VERBOSE", "0")
     if config_dir is None:
         config_dir = Path(__file__).resolve().parent.parent / ".venv" / "ultralytics-config"
     Path(config_dir).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,136 @@
+"""Training configuration: dataclasses loaded from YAML (``yaml.safe_load``), unknown keys rejected by name."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import UsageError
+
+
+@dataclass
+class DataConfig:
+    """Conveyor-line frames the recipe trains on (generated once per run directory)."""
+
+    frames: int = 2000
+    seed: int = 1000  # eval uses other seeds, so train and eval lines differ
+    val_fraction: float = 0.1
+    items: str = "auto"
+
+
+@dataclass
+class TeacherConfig:
+    """Ultralytics training of the three teachers, or checkpoints a user brings (then nothing is trained)."""
+
+    detect_yaml: str = "yolo26n.yaml"
+    semantic_yaml: str = "yolo26n-sem.yaml"
+    classify_yaml: str = "yolo26n-cls.yaml"
+    epochs: int = 12
+    head_epochs: int = 6  # segmentation and classification heads on the frozen detector backbone
+    batch: int = 32
+    workers: int = 2
+    detect: str | None = None  # bring-your-own checkpoints (all three, sharing the detector's backbone)
+    semantic: str | None = None
+    classify: str | None = None
+
+
+@dataclass
+class StudentConfig:
+    latent_channels: int = 24
+    encoder_channels: list[int] = field(default_factory=lambda: [32, 24])
+    decoder_channels: list[int] = field(default_factory=lambda: [96, 64])
+
+
+@dataclass
+class Stage1Config:
+    """Encoder + entropy model + decoder: feature MSE against the frozen teachers plus beta times the rate."""
+
+    epochs: int = 6
+    batch: int = 16
+    crop: int = 128  # fully convolutional: train on crops, 4x cheaper than whole 256 px frames
+    lr: float = 1e-3
+    aux_lr: float = 1e-3
+    feature_layers: list[int] = field(default_factory=lambda: [2, 4, 6, 8, 10])
+
+
+@dataclass
+class Stage2Config:
+    """Encoder and entropy model frozen; decoder fine-tuned with task losses and distillation from the teachers."""
+
+    epochs: int = 2
+    batch: int = 16
+    lr: float = 2e-4
+    kd_weight: float = 0.5  # classification: (1-kd) CE + kd KL, as Ladon
+    feature_weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    out: str = "runs/default"
+    input_size: int = 256
+    betas: list[float] = field(default_factory=lambda: [0.02, 0.08, 0.32])
+    default_beta: float | None = 0.08  # exported as the shipped model when `export` is set
+    export: str | None = None  # e.g. models/default.pt
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build(cls, raw: Any, where: str, source: str):
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise UsageError(f"{source}: '{where}' must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            name = f"{where}.{key}" if where else key
+            raise UsageError(f"{source}: unknown key '{name}'; allowed: {', '.join(sorted(fields))}")
+        ftype = fields[key].type
+        sub = {"DataConfig": DataConfig, "TeacherConfig": TeacherConfig, "StudentConfig": StudentConfig,
+               "Stage1Config": Stage1Config, "Stage2Config": Stage2Config}.get(str(ftype))
+        kwargs[key] = _build(sub, value, f"{where}.{key}" if where else key, source) if sub else value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
+    """Load a YAML config (None: built-in defaults) and apply ``overrides`` (dotted keys)."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise UsageError(f"config file not found: {path}; see configs/train/ for examples")
+        raw = yaml.safe_load(path.read_text()) or {}
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    cfg = _build(TrainConfig, raw, "", source)
+    if cfg.input_size % 32:
+        raise UsageError(f"{source}: input_size {cfg.input_size} must be a multiple of 32 (e.g. 256 or 320)")
+    if cfg.stage1.crop % 32 or cfg.stage1.crop > cfg.input_size:
+        raise UsageError(f"{source}: stage1.crop {cfg.stage1.crop} must be a multiple of 32 and <= input_size")
+    if not cfg.betas or any(b <= 0 for b in cfg.betas):
+        raise UsageError(f"{source}: betas {cfg.betas} must be a non-empty list of positive numbers")
+    if cfg.default_beta is not None and cfg.default_beta not in cfg.betas:
+        raise UsageError(f"{source}: default_beta {cfg.default_beta} is not one of betas {cfg.betas}")
+    return cfg
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config beside a checkpoint."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,349 @@
+"""The training recipe: teachers (Ultralytics trainers), stage 1 and stage 2 of the split model, per beta.
+
+Layout of a run directory (``cfg.out``)::
+
+    data/{detect,semantic,classify}/   conveyor-line datasets (Ultralytics layouts), made once
+    frames.npz                         the same training frames as arrays, for stages 1 and 2
+    teachers/{detect,semantic,classify}/weights/best.pt
+    beta_<b>/stage1/last.pt, beta_<b>/stage2/last.pt   resumable training state, every epoch
+    beta_<b>/split.pt, beta_<b>/config.yaml            exported checkpoint (CDF tables built) + resolved config
+
+Completed steps (datasets, teachers, exported betas) are skipped on a re-run; a stage interrupted mid-way
+continues from its last epoch with ``--resume``.
+Multi-GPU: run the same command under ``torchrun --nproc_per_node N``; stages 1 and 2 then wrap the student in
+DistributedDataParallel and shard the frames (teachers use Ultralytics' own ``device=0,1,...``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import pipeline.offline  # noqa: F401
+from codec.api import SplitCodec
+from codec.config import TrainConfig, dump_config
+from codec.model import SplitModel
+from codec.student import StudentSpec
+from codec.teachers import CLS_HEAD_START, SEM_HEAD_START, MultiTaskTeachers, TeacherSpec
+from pipeline.errors import UsageError
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _dist() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun; (0, 1, cpu/cuda) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+# ------------------------------------------------------------------------------------------------ data
+def make_data(cfg: TrainConfig, run: Path) -> tuple[Path, Path]:
+    """Generate the conveyor-line datasets and the frame arrays once (atomic: temp folder, then rename)."""
+    from conveyor.export import export_datasets
+    from conveyor.line import ConveyorLine, LineConfig
+
+    data_dir, arrays = run / "data", run / "frames.npz"
+    line_cfg = LineConfig(size=cfg.input_size, seed=cfg.data.seed, items=cfg.data.items)
+    if not data_dir.is_dir():
+        tmp = run / "data.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        frames = tqdm(ConveyorLine(line_cfg).frames(cfg.data.frames), total=cfg.data.frames, desc="datasets",
+                      unit="frame")
+        export_datasets(frames, tmp, cfg.data.frames, cfg.data.val_fraction, final_root=data_dir)
+        tmp.rename(data_dir)
+    if not arrays.is_file():
+        images, semantic, labels = [], [], []
+        for f in tqdm(ConveyorLine(line_cfg).frames(cfg.data.frames), total=cfg.data.frames, desc="arrays",
+                      unit="frame"):
+            images.append(f.image)
+            semantic.append(f.semantic)
+            labels.append(f.label)
+        tmp = run / "frames.tmp.npz"
+        np.savez(tmp, images=np.stack(images), semantic=np.stack(semantic), labels=np.asarray(labels))
+        tmp.rename(arrays)
+    return data_dir, arrays
+
+
+# ------------------------------------------------------------------------------------------------ teachers
+def train_teachers(cfg: TrainConfig, run: Path, data_dir: Path) -> MultiTaskTeachers:
+    """Detector first; then the segmentation and classification heads on its frozen backbone."""
+    t = cfg.teachers
+    if t.detect or t.semantic or t.classify:
+        if not (t.detect and t.semantic and t.classify):
+            raise UsageError("teachers: bring all three checkpoints (detect, semantic, classify) or none")
+        return MultiTaskTeachers.from_checkpoints(t.detect, t.semantic, t.classify)
+    from ultralytics import YOLO
+
+    root = (run / "teachers").resolve()
+    common = dict(imgsz=cfg.input_size, batch=t.batch, workers=t.workers, device="cpu", plots=False, amp=False,
+                  seed=cfg.seed, deterministic=True, project=str(root), exist_ok=True, verbose=False,
+                  patience=1000)
+    jobs = [
+        ("detect", t.detect_yaml, data_dir / "detect" / "data.yaml", dict(epochs=t.epochs)),
+        ("semantic", t.semantic_yaml, data_dir / "semantic" / "data.yaml",
+         dict(epochs=t.head_epochs, freeze=SEM_HEAD_START)),
+        ("classify", t.classify_yaml, data_dir / "classify",
+         dict(epochs=t.head_epochs, freeze=CLS_HEAD_START, scale=0.1, erasing=0.0, auto_augment=None)),
+    ]
+    weights = {}
+    for name, yaml_file, data, extra in jobs:
+        best = root / name / "weights" / "best.pt"
+        if not best.is_file():
+            print(f"[train] teacher '{name}': {yaml_file} on {data}", flush=True)
+            model = YOLO(yaml_file)
+            kwargs = dict(common, data=str(data), name=name, **extra)
+            if name != "detect":
+                kwargs["pretrained"] = str(weights["detect"])
+            model.train(**kwargs)
+        weights[name] = best
+    return MultiTaskTeachers.from_checkpoints(weights["detect"], weights["semantic"], weights["classify"])
+
+
+# ------------------------------------------------------------------------------------------------ student
+def build_split_model(cfg: TrainConfig, teachers: MultiTaskTeachers) -> SplitModel:
+    spec = StudentSpec(latent_channels=cfg.student.latent_channels,
+                       encoder_channels=tuple(cfg.student.encoder_channels),
+                       decoder_channels=tuple(cfg.student.decoder_channels),
+                       split_channels=teachers.split_channels)
+    return SplitModel(teachers, spec, cfg.input_size)
+
+
+def rate_bpp(likelihoods: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Bits per input pixel of the latent under the entropy model (the rate term)."""
+    return -torch.log2(likelihoods.clamp_min(1e-9)).sum() / (likelihoods.shape[0] * pixels)
+
+
+def stage1_loss(model: SplitModel, x: torch.Tensor, beta: float, layers: list[int]) -> tuple[torch.Tensor, dict]:
+    """Sum over backbone stages of MSE(student, teacher) + beta * bits per pixel."""
+    with torch.no_grad():
+        target = model.teacher_features(x)
+    out = model.forward_train(x)
+    # each stage's MSE relative to the teacher feature's variance: beta means the same for any teacher scale
+    mse = sum(F.mse_loss(out["features"][i], target[i]) / target[i].var().clamp_min(1e-6) for i in layers)
+    bpp = rate_bpp(out["likelihoods"], x.shape[-1] * x.shape[-2])
+    return mse + beta * bpp, {"mse": float(mse.detach()), "bpp": float(bpp.detach())}
+
+
+def stage2_loss(model: SplitModel, x: torch.Tensor, semantic: torch.Tensor, labels: torch.Tensor,
+                cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """Task losses (CE on the frame label and the class map) + distillation (KL to the teachers, feature MSE)."""
+    s2, teachers = cfg.stage2, model.teachers
+    with torch.no_grad():
+        t_cache = teachers.backbone(x)
+        t_cls = teachers.head_raw("classification", t_cache)
+        t_sem = teachers.head_raw("segmentation", t_cache)
+        t_det = teachers.head_raw("detection", t_cache)
+    with torch.no_grad():
+        y_hat = model.entropy_bottleneck.quantize(model.encoder(x), "dequantize",
+                                                  model.entropy_bottleneck._get_medians())
+    cache = model.body_from_split(model.decoder(y_hat))
+    s_cls = teachers.head_raw("classification", cache)
+    s_sem = teachers.head_raw("segmentation", cache)
+    s_det = teachers.head_raw("detection", cache)
+    # eval-mode heads: classify -> (probs, logits); semantic -> logits at 1/8; detect -> (decoded, raw dict)
+    s_logits, p_t = s_cls[1], t_cls[0]
+    cls_loss = (1 - s2.kd_weight) * F.cross_entropy(s_logits, labels) + s2.kd_weight * F.kl_div(
+        F.log_softmax(s_logits, 1), p_t, reduction="batchmean")
+    l_sem_s, l_sem_t = _first(s_sem), _first(t_sem)
+    target = F.interpolate(semantic[:, None].float(), size=l_sem_s.shape[-2:], mode="nearest")[:, 0].long()
+    sem_loss = 0.5 * F.cross_entropy(l_sem_s, target) + 0.5 * F.kl_div(
+        F.log_softmax(l_sem_s, 1), F.softmax(l_sem_t, 1), reduction="batchmean") / l_sem_s[0, 0].numel()
+    d_s, d_t = s_det[1]["one2many"], t_det[1]["one2many"]
+    det_loss = F.binary_cross_entropy_with_logits(d_s["scores"], torch.sigmoid(d_t["scores"])) + \
+        F.smooth_l1_loss(d_s["boxes"], d_t["boxes"])
+    feat = sum(F.mse_loss(cache[i], t_cache[i]) for i in cfg.stage1.feature_layers)
+    loss = cls_loss + sem_loss + det_loss + s2.feature_weight * feat
+    return loss, {"cls": float(cls_loss), "sem": float(sem_loss), "det": float(det_loss), "feat": float(feat)}
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _random_crops(images: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tensor:
+    if crop >= images.shape[-1]:
+        return images
+    h, w = images.shape[-2:]
+    out = []
+    for img in images:
+        top = int(torch.randint(0, (h - crop) // 4 + 1, (1,), generator=gen)) * 4
+        left = int(torch.randint(0, (w - crop) // 4 + 1, (1,), generator=gen)) * 4
+        out.append(img[:, top:top + crop, left:left + crop])
+    return torch.stack(out)
+
+
+def _save_state(path: Path, state: dict, cfg: TrainConfig) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    dump_config(cfg, path.parent / "config.yaml")
+
+
+def _epochs(stage_dir: Path, total: int, resume: bool, model: torch.nn.Module, optims: list) -> int:
+    """Load the last per-epoch checkpoint of a stage when resuming; return the epoch to start at."""
+    last = stage_dir / "last.pt"
+    if not last.is_file():
+        return 0
+    if not resume:
+        raise UsageError(f"{last} exists from an earlier run: pass --resume to continue it, "
+                         f"or --out DIR to start a new run")
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"], strict=False)
+    for opt, s in zip(optims, state["optims"]):
+        opt.load_state_dict(s)
+    print(f"[train] resumed {stage_dir} at epoch {state['epoch'] + 1}/{total}", flush=True)
+    return int(state["epoch"]) + 1
+
+
+def _student_state(model: SplitModel) -> dict:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("teachers.")}
+
+
+def run_stage1(cfg: TrainConfig, model: SplitModel, images: np.ndarray, beta: float, stage_dir: Path,
+               resume: bool) -> None:
+    rank, world, device = _dist()
+    s1 = cfg.stage1
+    params = [p for n, p in model.named_parameters() if not n.startswith("teachers.") and not n.endswith(".quantiles")]
+    aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
+    opt, aux_opt = torch.optim.Adam(params, lr=s1.lr), torch.optim.Adam(aux, lr=s1.aux_lr)
+    start = _epochs(stage_dir, s1.epochs, resume, model, [opt, aux_opt])
+    model.to(device)
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    n = len(images)
+    steps = math.ceil(n / world / s1.batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, s1.epochs * steps), eta_min=s1.lr * 0.05)
+    for _ in range(start * steps):
+        sched.step()
+    for epoch in range(start, s1.epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order = torch.randperm(n, generator=gen)[rank::world]
+        model.encoder.train(), model.decoder.train(), model.entropy_bottleneck.train()
+        bar = tqdm(range(steps), desc=f"stage1 beta={beta} epoch {epoch + 1}/{s1.epochs}", disable=rank != 0)
+        for step in bar:
+            idx = order[step * s1.batch:(step + 1) * s1.batch]
+            if len(idx) == 0:
+                continue
+            x = torch.from_numpy(images[idx.numpy()]).permute(0, 3, 1, 2).float().div(255.0)
+            x = _random_crops(x, s1.crop, gen).to(device)
+            loss, parts = stage1_loss(train_model.module if world > 1 else model, x, beta, s1.feature_layers)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            aux_loss = model.entropy_bottleneck.loss()
+            aux_opt.zero_grad(set_to_none=True)
+            aux_loss.backward()
+            aux_opt.step()
+            bar.set_postfix(mse=f"{parts['mse']:.4f}", bpp=f"{parts['bpp']:.3f}",
+                            kb=f"{parts['bpp'] * cfg.input_size ** 2 / 8192:.2f}")
+        if rank == 0:
+            _save_state(stage_dir / "last.pt", {"epoch": epoch, "model": _student_state(model),
+                                                 "optims": [opt.state_dict(), aux_opt.state_dict()]}, cfg)
+
+
+def run_stage2(cfg: TrainConfig, model: SplitModel, arrays: dict, stage_dir: Path, resume: bool) -> None:
+    rank, world, device = _dist()
+    s2 = cfg.stage2
+    model.encoder.requires_grad_(False)
+    model.entropy_bottleneck.requires_grad_(False)
+    params = list(model.decoder.parameters())
+    opt = torch.optim.Adam(params, lr=s2.lr)
+    start = _epochs(stage_dir, s2.epochs, resume, model, [opt])
+    images, semantic, labels = arrays["images"], arrays["semantic"], arrays["labels"]
+    n = len(images)
+    steps = math.ceil(n / world / s2.batch)
+    for epoch in range(start, s2.epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 2000 + epoch)
+        order = torch.randperm(n, generator=gen)[rank::world]
+        model.encoder.eval(), model.entropy_bottleneck.eval(), model.decoder.train()
+        bar = tqdm(range(steps), desc=f"stage2 epoch {epoch + 1}/{s2.epochs}", disable=rank != 0)
+        for step in bar:
+            idx = order[step * s2.batch:(step + 1) * s2.batch].numpy()
+            if len(idx) == 0:
+                continue
+            x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float().div(255.0).to(device)
+            sem = torch.from_numpy(semantic[idx]).long().to(device)
+            lab = torch.from_numpy(labels[idx]).long().to(device)
+            loss, parts = stage2_loss(model, x, sem, lab, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
+        if rank == 0:
+            _save_state(stage_dir / "last.pt", {"epoch": epoch, "model": _student_state(model),
+                                                 "optims": [opt.state_dict()]}, cfg)
+
+
+def train(cfg: TrainConfig, resume: bool = False, only_beta: float | None = None,
+          until: str | None = None) -> dict[float, Path]:
+    """The whole recipe (or up to ``until``: 'data' or 'teachers'). Returns {beta: exported checkpoint}."""
+    seed_everything(cfg.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run / "config.yaml")
+    t0 = time.perf_counter()
+    data_dir, arrays_path = make_data(cfg, run)
+    if until == "data":
+        return {}
+    teachers = train_teachers(cfg, run, data_dir)
+    if until == "teachers":
+        return {}
+    print(f"[train] data + teachers ready after {time.perf_counter() - t0:.0f} s", flush=True)
+    arrays = dict(np.load(arrays_path))
+    results = {}
+    for beta in cfg.betas:
+        if only_beta is not None and beta != only_beta:
+            continue
+        out = run / f"beta_{beta:g}"
+        final = out / "split.pt"
+        if final.is_file():
+            results[beta] = final
+            continue
+        seed_everything(cfg.seed)
+        model = build_split_model(cfg, teachers)
+        tb = time.perf_counter()
+        run_stage1(cfg, model, arrays["images"], beta, out / "stage1", resume)
+        if cfg.stage2.epochs > 0:
+            run_stage2(cfg, model, arrays, out / "stage2", resume)
+        model.entropy_bottleneck.update(force=True)
+        codec = SplitCodec(model.eval())
+        codec.save(final, extra={"beta": beta, "config": cfg.to_dict(), "cpu_seconds": time.perf_counter() - tb})
+        dump_config(cfg, out / "config.yaml")
+        print(f"[train] beta={beta:g}: {final} ({time.perf_counter() - tb:.0f} s)", flush=True)
+        results[beta] = final
+    if cfg.export and cfg.default_beta in results:
+        export = Path(cfg.export)
+        export.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(results[cfg.default_beta], export)
+        dump_config(cfg, export.with_suffix(".yaml"))
+        from codec.api import load_codec
+        load_codec(export).save_edge(export.with_suffix(".edge.pt"))
+        print(f"[train] exported {export} (+ {export.with_suffix('.edge.pt').name})", flush=True)
+    print(f"[train] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return results
