@@ -28,8 +28,8 @@ class TeacherConfig:
     detect_yaml: str = "yolo26n.yaml"
     semantic_yaml: str = "yolo26n-sem.yaml"
     classify_yaml: str = "yolo26n-cls.yaml"
-    epochs: int = 12
-    head_epochs: int = 6  # segmentation and classification heads on the frozen detector backbone
+    epochs: int = 8
+    head_epochs: int = 4  # segmentation and classification heads on the frozen detector backbone
     batch: int = 32
     workers: int = 2
     detect: str | None = None  # bring-your-own checkpoints (all three, sharing the detector's backbone)

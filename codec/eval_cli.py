@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import sys
 
 from pipeline.errors import UsageError
@@ -25,7 +26,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--frames {args.frames} must be at least 1")
     if args.batch < 1:
         raise UsageError(f"--batch {args.batch} must be at least 1")
-    # libraries log to stdout; with --json, stdout carries the one JSON object only
+    if args.json:  # Ultralytics logs to stdout; with --json, stdout carries the one JSON object only
+        for handler in logging.getLogger("ultralytics").handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(sys.stderr)
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
         try:
             codec = load_codec(args.checkpoint)
