@@ -1,0 +1,100 @@
+"""Stage registry, YAML graph validation, entry-point plugins and CLI errors (in-process, no model needed)."""
+import importlib
+import sys
+import textwrap
+
+import pytest
+
+from pipeline import stage as stage_mod
+from pipeline.cli import main
+from pipeline.errors import UsageError
+from pipeline.graph import load_graph, parse_graph
+
+PLUGIN = textwrap.dedent('''
+    from stages.consumers import Consumer
+
+    class FlakyConsumer(Consumer):
+        """Test plugin: a consumer that raises on frame 1 and reports the frame index otherwise."""
+        task = "flaky"
+
+        def compute(self, f):
+            if f.index == 1:
+                raise RuntimeError("flaky consumer fails on frame 1")
+            return {"index": f.index}
+''')
+
+
+def make_plugin(root):
+    """A tiny installed distribution: package + dist-info whose entry_points.txt declares group ladon.stages."""
+    (root / "ladon_test_plugin").mkdir(parents=True, exist_ok=True)
+    (root / "ladon_test_plugin" / "__init__.py").write_text(PLUGIN)
+    di = root / "ladon_test_plugin-0.1.dist-info"
+    di.mkdir(exist_ok=True)
+    (di / "METADATA").write_text("Metadata-Version: 2.1\nName: ladon-test-plugin\nVersion: 0.1\n")
+    (di / "entry_points.txt").write_text("[ladon.stages]\ntest.flaky = ladon_test_plugin:FlakyConsumer\n")
+    return root
+
+
+def test_unknown_stage_key_names_key_and_allowed():
+    with pytest.raises(UsageError) as e:
+        stage_mod.create_stage("sink.nope")
+    assert "sink.nope" in str(e.value) and "sink.jsonl" in str(e.value)
+
+
+def test_yaml_errors_name_file_key_and_allowed(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text("name: g\nstages:\n  - {name: a, key: source.nope}\n")
+    with pytest.raises(UsageError) as e:
+        load_graph(p)
+    msg = str(e.value)
+    assert str(p) in msg and "stages[0].key" in msg and "source.nope" in msg and "source.video" in msg
+    bad = [({"name": "g", "stages": [], "x": 1}, "unknown top-level key"),
+           ({"name": "g", "stages": []}, "non-empty list"),
+           ({"name": "g", "stages": [{"name": "a", "key": "sink.jsonl"}]}, "needs `inputs`"),
+           ({"name": "g", "stages": [{"name": "a", "key": "source.video"},
+                                     {"name": "b", "key": "source.video", "inputs": ["a"]}]}, "is a source"),
+           ({"name": "g", "stages": [{"name": "a", "key": "sink.jsonl", "inputs": ["zz"]}]}, "no stage named 'zz'"),
+           ({"name": "g", "stages": [{"name": "a", "key": "sink.jsonl", "inputs": ["b"]},
+                                     {"name": "b", "key": "sink.console", "inputs": ["a"]}]}, "cycle"),
+           ({"name": "g", "stages": [{"name": "a", "key": "source.video", "params": {"path": "${nope}"}}]},
+            "unknown variable"),
+           ({"name": "g", "stages": [{"name": "a", "key": "source.video", "colour": 1}]}, "unknown key")]
+    for data, text in bad:
+        with pytest.raises(UsageError, match=text.replace("(", r"\(").replace("`", ".")):
+            parse_graph(data, "f.yaml")
+
+
+def test_shipped_graphs_load():
+    for name in ("demo", "edge", "server"):
+        spec = load_graph(name, {"source": "x.mp4"})
+        assert spec.stages
+
+
+def test_entry_point_plugin_is_found(tmp_path, monkeypatch):
+    make_plugin(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    monkeypatch.setattr(stage_mod, "_ENTRY_POINTS_LOADED", False)
+    try:
+        assert "test.flaky" in stage_mod.available_stages()
+        s = stage_mod.create_stage("test.flaky")
+        assert type(s).__module__ == "ladon_test_plugin" and s.key == "test.flaky"
+    finally:
+        stage_mod._REGISTRY.pop("test.flaky", None)
+        sys.modules.pop("ladon_test_plugin", None)
+
+
+def test_cli_bad_inputs_exit_2(tmp_path, capsys):
+    p = tmp_path / "g.yaml"
+    p.write_text("name: g\nstages:\n  - {name: a, key: camera.magic}\n")
+    assert main(["run", "--config", str(p)]) == 2
+    assert "camera.magic" in capsys.readouterr().err
+    assert main(["run", "--config", "demo", "--source", str(tmp_path / "missing.mp4")]) == 2
+    assert "missing.mp4" in capsys.readouterr().err
+    assert main(["edge", "--source", "x.mp4", "--connect", "tcp://nohost"]) == 2
+    assert "tcp://nohost" in capsys.readouterr().err
+    assert main(["server", "--tasks", "detection,colour", "--bind", "tcp://127.0.0.1:5"]) == 2
+    assert "colour" in capsys.readouterr().err
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 10)
+    assert main(["run", "--config", "demo", "--source", str(bad), "--checkpoint", "random:64", "--quiet"]) != 0
