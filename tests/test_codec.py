@@ -1,0 +1,180 @@
+"""The codec: round trip across processes, estimate vs real bytes, checkpoints with CDF tables, fingerprint
+refusal, bad input, a training step that learns, and eval's JSON keys. Tiny models (64 px), real parts."""
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from codec.api import (CheckpointError, CodecError, EncodedFrame, ForeignBitstreamError, SplitCodec, load_codec,
+                       load_edge)
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def codec() -> SplitCodec:
+    return SplitCodec.random(input_size=SIZE, seed=0)
+
+
+@pytest.fixture(scope="module")
+def frames() -> np.ndarray:
+    from conveyor.line import ConveyorLine, LineConfig
+
+    return np.stack([f.image for f in ConveyorLine(LineConfig(size=SIZE, seed=3)).frames(4)])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(codec, tmp_path_factory) -> Path:
+    return codec.save(tmp_path_factory.mktemp("ckpt") / "split.pt")
+
+
+def test_encode_decode_round_trip_in_a_second_process(codec, frames, checkpoint, tmp_path):
+    encoded = codec.encode(frames)
+    assert [e.latent_shape for e in encoded] == [(24, SIZE // 4, SIZE // 4)] * len(frames)
+    local = codec.decode_latents(encoded).numpy()
+    # the latent the decoder recovers is exactly the encoder's quantised latent
+    symbols = codec.latents(frames)
+    medians = codec.entropy_bottleneck._get_medians().detach()
+    assert torch.equal(codec.entropy_bottleneck.dequantize(symbols, medians), torch.from_numpy(local))
+
+    payloads = tmp_path / "payloads.pkl"
+    payloads.write_bytes(pickle.dumps([(e.payload, e.latent_shape, e.fingerprint) for e in encoded]))
+    out = tmp_path / "latents.npy"
+    script = (
+        "import pickle, sys, numpy as np\n"
+        "from codec.api import load_codec, EncodedFrame\n"
+        "c = load_codec(sys.argv[1])\n"
+        "enc = [EncodedFrame(p, tuple(s), f) for p, s, f in pickle.load(open(sys.argv[2], 'rb'))]\n"
+        "np.save(sys.argv[3], c.decode_latents(enc).numpy())\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(checkpoint), str(payloads), str(out)], check=True,
+                   cwd=ROOT, timeout=300)
+    remote = np.load(out)
+    assert remote.dtype == local.dtype and np.array_equal(remote, local)
+
+
+def test_real_bytes_match_the_estimate(codec, frames):
+    encoded = codec.encode(frames)
+    real = sum(len(e.payload) for e in encoded)
+    estimate = sum(codec.estimate_bytes(frames))
+    # rANS overhead: a few bytes per frame on top of the estimate
+    assert abs(real - estimate) <= 0.01 * estimate + 8 * len(frames), (real, estimate)
+
+
+def test_checkpoint_save_load_keeps_cdf_tables_and_bytes(codec, frames, checkpoint, tmp_path):
+    loaded = load_codec(checkpoint)
+    for name in ("_quantized_cdf", "_offset", "_cdf_length", "quantiles"):
+        assert torch.equal(getattr(loaded.entropy_bottleneck, name), getattr(codec.entropy_bottleneck, name)), name
+    assert loaded.fingerprint == codec.fingerprint
+    assert [e.payload for e in loaded.encode(frames)] == [e.payload for e in codec.encode(frames)]
+    edge_path = codec.save_edge(tmp_path / "edge.pt")
+    assert edge_path.stat().st_size < 1_000_000
+    edge = load_edge(edge_path)
+    assert edge.fingerprint == codec.fingerprint
+    assert [e.payload for e in edge.encode(frames)] == [e.payload for e in codec.encode(frames)]
+    # the server decodes what the edge-only process encoded, and the heads give per-frame results
+    results = loaded.heads(loaded.decode(edge.encode(frames)))
+    assert len(results) == len(frames)
+    assert results[0]["segmentation"].shape == (SIZE, SIZE)
+    assert set(results[0]["detection"]) == {"boxes", "scores", "classes"}
+
+
+def test_foreign_fingerprint_and_wrong_shape_are_refused(codec, frames):
+    other = SplitCodec.random(input_size=SIZE, seed=1)
+    assert other.fingerprint != codec.fingerprint
+    foreign = other.encode(frames[:1])
+    with pytest.raises(ForeignBitstreamError, match="model"):
+        codec.decode(foreign)
+    good = codec.encode(frames[:1])[0]
+    with pytest.raises(CodecError, match=r"expected \(24, 16, 16\)"):
+        codec.decode([EncodedFrame(good.payload, (24, 8, 8), good.fingerprint)])
+    with pytest.raises(CodecError, match="empty"):
+        codec.decode([EncodedFrame(b"", good.latent_shape, good.fingerprint)])
+    # the caller keeps running: the same codec still decodes good payloads
+    assert codec.decode([good]).batch == 1
+
+
+def test_bad_frames_name_what_was_expected(codec, frames):
+    with pytest.raises(CodecError, match="uint8"):
+        codec.encode(frames.astype(np.float32))
+    with pytest.raises(CodecError, match=r"\(B,64,64,3\)"):
+        codec.encode(np.zeros((1, 32, 32, 3), np.uint8))
+    with pytest.raises(CodecError, match="numpy"):
+        codec.encode([frames[0]])
+    assert len(codec.encode(frames[0])) == 1  # a single (H,W,3) frame is accepted
+
+
+def test_bad_checkpoints_are_refused_clearly(codec, checkpoint, tmp_path):
+    state = torch.load(checkpoint, weights_only=True)
+    no_cdf = dict(state, entropy_bottleneck={k: v for k, v in state["entropy_bottleneck"].items()
+                                             if k != "_quantized_cdf"})
+    torch.save(no_cdf, tmp_path / "no_cdf.pt")
+    with pytest.raises(CheckpointError, match="CDF"):
+        load_codec(tmp_path / "no_cdf.pt")
+    other_arch = dict(state, student_spec=dict(state["student_spec"], latent_channels=16))
+    torch.save(other_arch, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="architecture"):
+        load_codec(tmp_path / "other.pt")
+    torch.save({"model": None, "train_args": {}}, tmp_path / "ultralytics.pt")
+    with pytest.raises(CheckpointError, match="format"):
+        load_codec(tmp_path / "ultralytics.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        load_codec(tmp_path / "garbage.pt")
+    tampered = dict(state, fingerprint="00" * 16)
+    torch.save(tampered, tmp_path / "tampered.pt")
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        load_codec(tmp_path / "tampered.pt")
+    with pytest.raises(FileNotFoundError):
+        load_codec(tmp_path / "missing.pt")
+
+
+def test_a_training_step_lowers_the_stage1_loss(frames):
+    from codec.model import SplitModel
+    from codec.teachers import MultiTaskTeachers, TeacherSpec
+    from codec.train import stage1_loss
+
+    torch.manual_seed(0)
+    model = SplitModel(MultiTaskTeachers.from_spec(TeacherSpec(input_size=SIZE)), input_size=SIZE)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    params = [p for n, p in model.named_parameters() if not n.startswith("teachers.")]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    first = None
+    for _ in range(15):
+        loss, _parts = stage1_loss(model, x, beta=0.05, layers=[2, 4, 6, 8, 10])
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last, _ = stage1_loss(model, x, beta=0.05, layers=[2, 4, 6, 8, 10])
+    assert float(last) < 0.9 * first
+    assert all(not p.requires_grad or p.grad is None for p in model.teachers.parameters())
+
+
+def test_eval_json_has_the_documented_keys(checkpoint):
+    proc = subprocess.run([sys.executable, "run_pipeline.py", "eval", "--checkpoint", str(checkpoint),
+                           "--frames", "6", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    for key in ("teacher", "student", "payload_bytes_mean", "payload_bytes_p95", "estimate_bytes_mean",
+                "encoder_params", "encoder_macs", "jpeg90_bytes_mean"):
+        assert key in result
+    for side in ("teacher", "student"):
+        assert set(result[side]) >= {"box_map50_95", "miou", "top1"}
+    assert result["frames"] == 6
+    assert result["payload_bytes_mean"] > 0
+
+
+def test_eval_with_a_missing_checkpoint_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "run_pipeline.py", "eval", "--checkpoint", str(tmp_path / "nope.pt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "nope.pt" in proc.stderr.strip().splitlines()[-1]
