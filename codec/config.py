@@ -48,7 +48,7 @@ class StudentConfig:
 class Stage1Config:
     """Encoder + entropy model + decoder: feature MSE against the frozen teachers plus beta times the rate."""
 
-    epochs: int = 6
+    epochs: int = 4
     batch: int = 16
     crop: int = 128  # fully convolutional: train on crops, 4x cheaper than whole 256 px frames
     lr: float = 1e-3
@@ -60,7 +60,7 @@ class Stage1Config:
 class Stage2Config:
     """Encoder and entropy model frozen; decoder fine-tuned with task losses and distillation from the teachers."""
 
-    epochs: int = 2
+    epochs: int = 1
     batch: int = 16
     lr: float = 2e-4
     kd_weight: float = 0.5  # classification: (1-kd) CE + kd KL, as Ladon

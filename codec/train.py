@@ -317,7 +317,9 @@ def train(cfg: TrainConfig, resume: bool = False, only_beta: float | None = None
     print(f"[train] data + teachers ready after {time.perf_counter() - t0:.0f} s", flush=True)
     arrays = dict(np.load(arrays_path))
     results = {}
-    for beta in cfg.betas:
+    # the shipped (default) rate first, so a cut-short run still leaves the model the demo needs
+    order = sorted(cfg.betas, key=lambda b: b != cfg.default_beta)
+    for beta in order:
         if only_beta is not None and beta != only_beta:
             continue
         out = run / f"beta_{beta:g}"

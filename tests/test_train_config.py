@@ -1,0 +1,44 @@
+"""Training configs: defaults load, overrides apply, bad keys and values are named with the fix."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from codec.config import load_config
+from pipeline.errors import UsageError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_loads_and_overrides_apply():
+    cfg = load_config(ROOT / "configs/train/default.yaml", {"stage1.epochs": 1, "out": "/tmp/x"})
+    assert cfg.stage1.epochs == 1 and cfg.out == "/tmp/x"
+    assert cfg.default_beta in cfg.betas and cfg.input_size % 32 == 0
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("stage1: {epochz: 3}\n", "stage1.epochz"),
+    ("bogus: 1\n", "'bogus'"),
+    ("input_size: 250\n", "250"),
+    ("betas: [0.1, -1]\n", "betas"),
+    ("betas: [0.1]\ndefault_beta: 0.2\n", "default_beta 0.2"),
+])
+def test_bad_config_names_the_key(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as err:
+        load_config(path)
+    assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_train_cli_reports_bad_config_in_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("stage1: {epochz: 3}\n")
+    proc = subprocess.run([sys.executable, "run_pipeline.py", "train", "--config", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "stage1.epochz" in last and "allowed" in last
