@@ -76,6 +76,10 @@ def run(args) -> int:
     variables = {"out": str(out), "rate": args.rate, "max_frames": args.max_frames,
                  "endpoint": f"tcp://127.0.0.1:{free_port()}", "checkpoint": args.checkpoint}
     demo = args.config is None
+    if demo:
+        # never silently fall back to a random model: get_codec raises a UsageError saying how to make one
+        from pipeline.codecs import get_codec
+        get_codec(args.checkpoint)
     if args.source is not None:
         variables["source"] = args.source
     elif demo:
@@ -84,10 +88,6 @@ def run(args) -> int:
             print(f"generating the demo video {video} ({DEMO_FRAMES} conveyor-line frames)", file=sys.stderr)
             make_demo_video(video)
         variables["source"] = str(video)
-    if demo:
-        # never silently fall back to a random model: get_codec raises a UsageError saying how to make one
-        from pipeline.codecs import get_codec
-        get_codec(args.checkpoint)
     variables.update(_parse_sets(args.set))
     variables = {k: v for k, v in variables.items() if not (v is None and k in ("source",))}
     spec = load(args.config or "demo", variables)
