@@ -1,0 +1,123 @@
+"""Rate versus accuracy per task on a fresh conveyor-line video with exact ground truth.
+
+Every method's frames end up at the same teachers (or, for the split model, at its decoder and the teachers'
+shared body and heads); metrics come from :class:`codec.metrics.TaskMetrics` and the helpers of
+:mod:`codec.evaluate`, exactly as ``run_pipeline.py eval`` computes them.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from benchmarks import media
+from codec.evaluate import _add, make_eval_video, read_video
+from codec.metrics import TaskMetrics
+from transport.wire import HEADER_SIZE
+
+log = logging.getLogger("bench")
+METRICS = ("box_map50_95", "miou", "top1")
+
+
+def eval_frames(frames: int, seed: int, size: int) -> tuple[np.ndarray, list]:
+    """Fresh conveyor-line frames (through H.264 like a real recording, as codec.evaluate does) and truth."""
+    from conveyor.groundtruth import load_ground_truth
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_eval_video(Path(tmp), frames, seed, size)
+        truth = load_ground_truth(path)
+        images = np.stack(list(read_video(path)))
+    if images.shape[1:3] != (size, size):
+        images = np.stack([cv2.resize(im, (size, size)) for im in images])
+    return images, truth
+
+
+def score(codec, results: list[dict], truth: list) -> dict:
+    m = TaskMetrics(len(codec.class_names["detection"]), len(codec.class_names["segmentation"]))
+    for r, gt in zip(results, truth):
+        _add(m, r, gt)
+    s = m.summary()
+    return {k: float(s.get(k, 0.0)) for k in METRICS}
+
+
+def _teachers(codec, frames: np.ndarray, batch: int) -> list[dict]:
+    out = []
+    for i in range(0, len(frames), batch):
+        out += codec.teachers_on_frames(frames[i:i + batch], conf=0.001)
+    return out
+
+
+def _point(method: str, setting: str, sizes, metrics: dict, **extra) -> dict:
+    sizes = np.asarray(sizes, dtype=np.float64)
+    return {"method": method, "setting": setting, "bytes_mean": float(sizes.mean()),
+            "bytes_p95": float(np.percentile(sizes, 95)), **metrics, **extra}
+
+
+def rate_accuracy(codecs: dict, frames: np.ndarray, truth: list, cfg: dict) -> list[dict]:
+    """One row per (method, setting): mean bytes per frame on the wire and the three task metrics."""
+    batch = cfg["batch"]
+    ref = next(iter(codecs.values()))  # teachers for the baselines (every checkpoint of one run shares them)
+    rows = []
+    t0 = time.perf_counter()
+    raw = _teachers(ref, frames, batch)
+    rows.append(_point("teachers (raw frames)", "uncompressed", [frames[0].nbytes] * len(frames),
+                       score(ref, raw, truth)))
+    log.info("teachers on raw frames: %s", rows[-1])
+    for name, codec in codecs.items():
+        sizes, est, results = [], [], []
+        for i in range(0, len(frames), batch):
+            chunk = frames[i:i + batch]
+            enc = codec.encode(chunk)
+            sizes += [len(e.payload) + HEADER_SIZE for e in enc]
+            est += codec.estimate_bytes(chunk)
+            results += codec.heads(codec.decode(enc), conf=0.001)
+        metrics = score(codec, results, truth)
+        payload = np.asarray(sizes, dtype=np.float64) - HEADER_SIZE
+        rows.append(_point("split (ours, one bitstream)", name, sizes, metrics,
+                           payload_bytes_mean=float(payload.mean()), estimate_bytes_mean=float(np.mean(est)),
+                           payload_vs_estimate=float(payload.sum() / max(np.sum(est), 1e-9))))
+        rows.append(_point("per-task bitstreams (3x split)", name, [3 * s for s in sizes], metrics))
+        log.info("split %s: %s", name, rows[-2])
+    for fmt, key in (("jpeg", "jpeg_qualities"), ("webp", "webp_qualities")):
+        for q in cfg[key]:
+            dec, sizes, _, _ = media.image_roundtrip(frames, fmt, q)
+            rows.append(_point(fmt.upper() + " frames", f"q{q}", sizes, score(ref, _teachers(ref, dec, batch), truth)))
+            log.info("%s q%d: %s", fmt, q, rows[-1])
+    for kind, key in (("h264", "h264_crf"), ("h265", "h265_crf")):
+        if not cfg[key]:
+            continue
+        if not media.video_available(kind):
+            log.warning("%s not available in this PyAV build; skipped", kind)
+            continue
+        for crf in cfg[key]:
+            dec, sizes, _, _ = media.video_roundtrip(frames, kind, crf)
+            rows.append(_point(kind.upper().replace("H", "H.") + " stream", f"crf{crf}", sizes,
+                               score(ref, _teachers(ref, dec, batch), truth)))
+            log.info("%s crf %d: %s", kind, crf, rows[-1])
+    log.info("rate/accuracy: %d points in %.0f s", len(rows), time.perf_counter() - t0)
+    return rows
+
+
+def matches(rows: list[dict], split_row: dict, method: str, tol: float = 1.0) -> dict:
+    """Cheapest setting of ``method`` within ``tol`` points of ``split_row`` on every task, and per task."""
+    cands = [r for r in rows if r["method"] == method]
+    if method.startswith("per-task"):  # the same encoder's bitstream sent three times: compare at the same beta
+        cands = [r for r in cands if r["setting"] == split_row["setting"]]
+    out = {"method": method}
+    for task in (*METRICS, "all"):
+        keys = METRICS if task == "all" else (task,)
+        ok = [r for r in cands if all(r[k] >= split_row[k] - tol for k in keys)]
+        if ok:
+            best = min(ok, key=lambda r: r["bytes_mean"])
+            out[task] = {"setting": best["setting"], "bytes_mean": best["bytes_mean"],
+                         "split_over_baseline": split_row["bytes_mean"] / best["bytes_mean"]}
+        else:
+            top = max(cands, key=lambda r: r["bytes_mean"]) if cands else None
+            out[task] = {"setting": None, "bytes_mean": None, "split_over_baseline": None,
+                         "note": "no setting reaches the split model's accuracy"
+                         + (f" (largest: {top['setting']}, {top['bytes_mean']:.0f} B)" if top else "")}
+    return out
