@@ -85,7 +85,8 @@ def rate_accuracy(codecs: dict, frames: np.ndarray, truth: list, cfg: dict) -> l
     for fmt, key in (("jpeg", "jpeg_qualities"), ("webp", "webp_qualities")):
         for q in cfg[key]:
             dec, sizes, _, _ = media.image_roundtrip(frames, fmt, q)
-            rows.append(_point(fmt.upper() + " frames", f"q{q}", sizes, score(ref, _teachers(ref, dec, batch), truth)))
+            label = {"jpeg": "JPEG", "webp": "WebP"}[fmt] + " frames"
+            rows.append(_point(label, f"q{q}", sizes, score(ref, _teachers(ref, dec, batch), truth)))
             log.info("%s q%d: %s", fmt, q, rows[-1])
     for kind, key in (("h264", "h264_crf"), ("h265", "h265_crf")):
         if not cfg[key]:

@@ -1,0 +1,115 @@
+"""`run_pipeline.py bench --quick` end to end on a tiny checkpoint trained in the session, plus unit checks."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = """seed: 0
+out: {out}
+input_size: 64
+betas: [0.05, 0.2]
+default_beta: 0.05
+data: {{frames: 24, seed: 5, val_fraction: 0.25}}
+teachers: {{epochs: 1, head_epochs: 1, batch: 8, workers: 0}}
+stage1: {{epochs: 1, batch: 8, crop: 64}}
+stage2: {{epochs: 1, batch: 8}}
+"""
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench_tiny")
+    cfg = d / "tiny.yaml"
+    cfg.write_text(TINY.format(out=d / "run"))
+    r = _cli("train", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    paths = sorted((d / "run").glob("beta_*/split.pt"))
+    assert len(paths) == 2
+    return paths
+
+
+@pytest.fixture(scope="session")
+def quick_bench(tiny_checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_out")
+    r = _cli("bench", "--quick", "--json", "--out", str(out), "--checkpoints", *map(str, tiny_checkpoints),
+             timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_quick_bench_writes_report_plots_and_json(quick_bench):
+    out, r = quick_bench
+    lines = [l for l in r.stdout.splitlines() if l.strip()]
+    assert len(lines) == 1, "stdout must hold only the JSON object"
+    res = json.loads(lines[0])
+    for key in ("date", "machine", "command", "config", "rate_accuracy", "comparisons", "device", "latency",
+                "entropy_coding", "targets", "plots"):
+        assert key in res
+    for name in ("report.md", "results.json", "config.yaml", "rate_box_map50_95.png", "rate_miou.png",
+                 "rate_top1.png", "latency.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = (out / "report.md").read_text()
+    for part in ("## Targets", "## Rate versus accuracy", "## Device cost", "## End-to-end latency",
+                 "## Entropy coding throughput", "bench --quick", "AMD" if "AMD" in res["machine"]["cpu"] else ""):
+        assert part in report
+
+
+def test_quick_bench_numbers_are_sane(quick_bench):
+    res = json.loads((quick_bench[0] / "results.json").read_text())
+    rows = res["rate_accuracy"]
+    methods = {r["method"] for r in rows}
+    assert {"split (ours, one bitstream)", "per-task bitstreams (3x split)", "JPEG frames", "WebP frames",
+            "H.264 stream"} <= methods
+    jpeg = sorted((int(r["setting"][1:]), r["bytes_mean"]) for r in rows if r["method"] == "JPEG frames")
+    assert [b for _, b in jpeg] == sorted(b for _, b in jpeg) and jpeg[0][1] < jpeg[-1][1]
+    h264 = sorted((int(r["setting"][3:]), r["bytes_mean"]) for r in rows if r["method"] == "H.264 stream")
+    assert h264[0][1] > h264[-1][1]  # higher CRF, fewer bytes
+    for r in rows:
+        assert r["bytes_mean"] > 0
+        assert all(0 <= r[k] <= 100 for k in ("box_map50_95", "miou", "top1"))
+        if r["method"].startswith("split"):
+            assert r["bytes_mean"] == pytest.approx(r["payload_bytes_mean"] + 74)
+            assert 0.9 < r["payload_vs_estimate"] < 1.2
+    split = {r["setting"]: r for r in rows if r["method"].startswith("split")}
+    per_task = {r["setting"]: r for r in rows if r["method"].startswith("per-task")}
+    for k in split:
+        assert per_task[k]["bytes_mean"] == pytest.approx(3 * split[k]["bytes_mean"])
+    dev = res["device"]
+    assert dev["encoder_params"] > 0 and dev["encoder_macs"] > 0
+    assert 0 < dev["encode_s_1thread"] < dev["three_models_s_1thread"]
+    lat = res["latency"]
+    for vals in lat["total_s"].values():
+        assert all(a >= b - 1e-12 for a, b in zip(vals, vals[1:]))  # more bandwidth, never slower
+    ent = res["entropy_coding"]
+    assert all(c["lossless"] for c in ent["coders"].values())
+    assert ent["compressai_coder_matches_codec_payload"]
+
+
+def test_bad_checkpoint_is_a_usage_error(tmp_path):
+    r = _cli("bench", "--quick", "--checkpoints", str(tmp_path / "missing.pt"), "--out", str(tmp_path))
+    assert r.returncode == 2 and "missing.pt" in r.stderr and "split.pt" in r.stderr
+    r = _cli("bench", "--quick", "--frames", "0", "--out", str(tmp_path))
+    assert r.returncode == 2 and "--frames 0" in r.stderr
+
+
+def test_latency_model_and_media_units():
+    from benchmarks.latency import latency_model
+    from benchmarks.media import image_roundtrip, video_roundtrip
+
+    t = latency_model({"x": {"device_s": 0.01, "bytes": 125_000, "server_s": 0.02}}, [1, 10])["x"]
+    assert t == pytest.approx([0.01 + 1.0 + 0.02, 0.01 + 0.1 + 0.02])
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    dec, sizes, _, _ = image_roundtrip(frames, "jpeg", 50)
+    assert dec.shape == frames.shape and len(sizes) == 4
+    dec, sizes, _, _ = video_roundtrip(frames, "h264", 30)
+    assert dec.shape == frames.shape and sum(sizes) > 0
