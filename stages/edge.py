@@ -98,11 +98,13 @@ class EdgeSend(Stage):
         try:
             fp = self.fingerprint or b"\0" * wire.FINGERPRINT_SIZE
             for stream, n in self.counts.items():
-                link.send(wire.end_of_stream(stream, n, fp, time.time_ns()), live=False)
+                # on shutdown the server may already be gone: do not hold the exit for long
+                link.send(wire.end_of_stream(stream, n, fp, time.time_ns()), live=False,
+                          timeout_s=min(self.timeout_s, 3.0) if self.ctx.stop.is_set() else None)
         except LinkTimeout as exc:
             self.ctx.log(f"[{self.ctx.name}] could not send end-of-stream: {exc}")
         finally:
-            link.close(linger_s=min(self.timeout_s, 10.0))
+            link.close(linger_s=min(self.timeout_s, 3.0 if self.ctx.stop.is_set() else 10.0))
             self.link = None
         return None
 

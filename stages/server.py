@@ -22,7 +22,7 @@ class ServerReceive(Source):
     live = False
 
     def __init__(self, endpoint: str = "tcp://*:5555", bind: bool = True, checkpoint=None, exit_on_eos: bool = True,
-                 max_frames=None, hwm: int = 16, drain_s: float = 5.0, idle_timeout_s: float | None = None):
+                 max_frames=None, hwm: int = 16, drain_s: float = 10.0, idle_timeout_s: float | None = None):
         from transport.link import check_endpoint
         self.endpoint = check_endpoint(endpoint, "server.receive endpoint")
         self.bind, self.checkpoint, self.exit_on_eos = bool(bind), checkpoint, bool(exit_on_eos)
@@ -58,12 +58,13 @@ class ServerReceive(Source):
         stop = self.ctx.stop
         stop_at = None
         last_msg = time.monotonic()
+        idle = 0.0
         total = 0
         while True:
             if stop.is_set() and stop_at is None:
                 stop_at = time.monotonic()
             if stop_at is not None:
-                if time.monotonic() - stop_at > self.drain_s or (time.monotonic() - last_msg > 1.0):
+                if time.monotonic() - stop_at > self.drain_s or idle > 1.0:
                     return
                 if self.expected and set(self.expected) >= set(self.received):
                     return
@@ -72,9 +73,12 @@ class ServerReceive(Source):
             if self.idle_timeout_s and time.monotonic() - last_msg > self.idle_timeout_s:
                 self.ctx.log(f"[{self.ctx.name}] no message for {self.idle_timeout_s:.0f} s; ending")
                 return
+            t_poll = time.monotonic()
             data = self.link.recv(100)
             if data is None:
+                idle += time.monotonic() - t_poll  # time spent waiting on the socket, not on downstream queues
                 continue
+            idle = 0.0
             last_msg = time.monotonic()
             rx = time.time_ns()
             try:

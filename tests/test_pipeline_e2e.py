@@ -82,7 +82,7 @@ stages:
 def run_split(tmp_path, endpoint_bind, endpoint_connect, video, n):
     plugin = make_plugin(tmp_path / "plugin")
     cfg = tmp_path / "server.yaml"
-    cfg.write_text(SERVER_YAML.format(conf=0.05))
+    cfg.write_text(SERVER_YAML.format(conf=0.0))  # conf 0: the random model yields boxes
     out = tmp_path / "out"
     server = subprocess.Popen(cmd("server", "--config", str(cfg), "--bind", endpoint_bind, "--checkpoint", CKPT,
                                   "--out", str(out), "--frames-from", str(video), "--quiet"),
@@ -128,13 +128,17 @@ def test_tcp_replay_every_frame_once_in_order_and_equal_to_direct(tmp_path):
         enc = codec.encode(letterbox_image(img, 64)[None])
         assert row["bytes"] == 74 + len(enc[0].payload)
         feats = codec.decode(enc)
-        det = map_result("detection", codec.head("detection", feats, conf=0.05)[0], lb)
+        det = map_result("detection", codec.head("detection", feats, conf=0.0)[0], lb)
         seg = map_result("segmentation", codec.head("segmentation", feats)[0], lb)
         clf = codec.head("classification", feats)[0]
         np.testing.assert_allclose(np.array(row["detection"]["boxes"]).reshape(-1, 4), det["boxes"], atol=0.01)
         assert row["detection"]["classes"] == det["classes"].tolist()
+        np.testing.assert_allclose(row["detection"]["scores"], det["scores"], atol=1e-4)
         np.testing.assert_array_equal(rle_decode(row["segmentation"]), seg)
         assert row["classification"]["label"] == clf["label"]
+        np.testing.assert_allclose([p for _, p in row["classification"]["top5"]], [p for _, p in clf["top5"]],
+                                   atol=1e-4)
+    assert sum(len(r["detection"]["boxes"]) for r in rows) > 0
 
 
 def test_ipc_replay(tmp_path):
@@ -203,3 +207,12 @@ def test_sigterm_clean_shutdown(tmp_path):
     assert json.loads((out / "summary.json").read_text())["stopped_by_signal"] is True
     with pytest.raises(ProcessLookupError):  # nothing left behind in its process group
         os.killpg(proc.pid, 0)
+
+
+def test_edge_without_server_fails_clearly(tmp_path, capsys):
+    from pipeline.cli import main
+    video = write_video(tmp_path / "clip.mp4", 3, 64, 64)
+    rc = main(["edge", "--source", str(video), "--connect", f"tcp://127.0.0.1:{free_port()}", "--checkpoint", CKPT,
+               "--link-timeout", "1", "--rate", "max", "--quiet"])
+    assert rc == 1
+    assert "no server took a frame" in capsys.readouterr().err

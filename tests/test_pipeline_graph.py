@@ -98,3 +98,30 @@ def test_cli_bad_inputs_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video at all" * 10)
     assert main(["run", "--config", "demo", "--source", str(bad), "--checkpoint", "random:64", "--quiet"]) != 0
+
+
+def test_letterbox_mapping_back_to_original_frame():
+    import numpy as np
+
+    from stages.consumers import map_boxes, map_class_map
+    from stages.edge import letterbox_image, letterbox_params
+    lb = letterbox_params(80, 48, 64)
+    assert (lb.ratio, lb.left, lb.top, lb.unpad_w, lb.unpad_h) == (0.8, 0, 13, 64, 38)
+    img = np.full((48, 80, 3), 7, np.uint8)
+    boxed = letterbox_image(img, 64)  # Ultralytics' LetterBox: content rows 13..50, pad value 114
+    assert boxed.shape == (64, 64, 3) and (boxed[:13] == 114).all() and (boxed[13:51] == 7).all()
+    assert (boxed[51:] == 114).all()
+    np.testing.assert_allclose(map_boxes(np.array([[0, 13, 64, 51], [8, 17, 16, 21]]), lb),
+                               [[0, 0, 80, 47.5], [10, 5, 20, 10]])
+    cmap = np.zeros((64, 64), np.uint8)
+    cmap[13:51, 32:] = 3  # right half of the content
+    back = map_class_map(cmap, lb)
+    assert back.shape == (48, 80) and (back[:, 40:] == 3).all() and (back[:, :40] == 0).all()
+
+
+def test_rle_round_trip():
+    import numpy as np
+
+    from stages.sinks import rle_decode, rle_encode
+    m = np.random.default_rng(0).integers(0, 3, (7, 9)).astype(np.uint8)
+    assert (rle_decode(rle_encode(m)) == m).all()

@@ -51,6 +51,9 @@ class PushLink:
         self.sock = self._ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, int(send_timeout_s * 1000))
+        # queue only on completed connections: with no server up, send waits (and times out) instead of
+        # piling frames into a pipe nobody reads
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
         try:
             (self.sock.bind if bind else self.sock.connect)(endpoint)
         except zmq.ZMQError as exc:
@@ -60,7 +63,7 @@ class PushLink:
         self.sent = 0
         self.dropped = 0
 
-    def send(self, message: bytes, live: bool = False) -> bool:
+    def send(self, message: bytes, live: bool = False, timeout_s: float | None = None) -> bool:
         """Send one message. Live: never wait, return False (and count a drop) when ZeroMQ's queue is full.
         Replay: wait for the peer, up to ``send_timeout_s`` without progress, then raise LinkTimeout."""
         if live:
@@ -70,13 +73,14 @@ class PushLink:
                 self.dropped += 1
                 return False
         else:
-            deadline = time.monotonic() + self.send_timeout_s
+            wait_s = self.send_timeout_s if timeout_s is None else timeout_s
+            deadline = time.monotonic() + wait_s
             while True:
                 if self.sock.poll(100, zmq.POLLOUT):
                     self.sock.send(message, copy=False)
                     break
                 if time.monotonic() > deadline:
-                    raise LinkTimeout(f"no server took a frame at {self.endpoint} within {self.send_timeout_s:.0f} s; "
+                    raise LinkTimeout(f"no server took a frame at {self.endpoint} within {wait_s:.0f} s; "
                                       f"is `run_pipeline.py server --bind ...` running and reachable?")
         self.sent += 1
         self.bytes_sent += len(message)

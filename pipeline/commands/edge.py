@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect", default="tcp://127.0.0.1:5555", metavar="ENDPOINT",
                    help="the server's ZeroMQ endpoint (default tcp://127.0.0.1:5555)")
     p.add_argument("--rate", default="native", help="replay pace of a file: native, max or FPS (default native)")
+    p.add_argument("--link-timeout", type=float, default=30.0, metavar="S",
+                   help="give up when the server takes no frame for S seconds (default 30)")
     p.add_argument("--stream-id", type=int, default=0, help="stream id written into every message (default 0)")
     add_common(p, out=False)
 
@@ -29,10 +31,12 @@ def run(args) -> int:
     if args.source is None and args.config is None:
         raise UsageError("edge needs --source URL_OR_PATH (a file, folder, stream URL, camera:N or conveyor)")
     check_endpoint(args.connect, "--connect")
+    if not args.link_timeout > 0:
+        raise UsageError(f"--link-timeout {args.link_timeout}: give a positive number of seconds")
     if not 0 <= args.stream_id < 2 ** 32:
         raise UsageError(f"--stream-id {args.stream_id}: use 0..4294967295")
     variables = {"connect": args.connect, "checkpoint": args.checkpoint, "max_frames": args.max_frames,
-                 "rate": args.rate, "stream": args.stream_id}
+                 "rate": args.rate, "stream": args.stream_id, "link_timeout": args.link_timeout}
     if args.source is not None:
         variables["source"] = args.source
     spec = load(args.config or "edge", variables)
