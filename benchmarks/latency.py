@@ -67,8 +67,9 @@ class ShapedLink:
         return False
 
 
-def _transfer(link: ShapedLink | None, payloads: list[bytes], mbps: float, port: int) -> list[float]:
-    """Send the payloads (each as one real wire message) and return the measured one-way times."""
+def _transfer(link: ShapedLink | None, payloads: list[bytes], mbps: float, port: int,
+              back_to_back: bool = False) -> list[dict]:
+    """Send the payloads (each as one real wire message) and return what the receiver recorded per message."""
     with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as f:
         for p in payloads:
             f.write(len(p).to_bytes(4, "little") + p)
@@ -78,7 +79,7 @@ def _transfer(link: ShapedLink | None, payloads: list[bytes], mbps: float, port:
     pre_rx = ["ip", "netns", "exec", link.rx] if link else []
     pre_tx = ["ip", "netns", "exec", link.tx] if link else []
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    gap = max(0.05, 2.5 * max(len(p) for p in payloads) * 8 / (mbps * 1e6) + 0.06)
+    gap = 0.0 if back_to_back else max(0.05, 2.5 * max(len(p) for p in payloads) * 8 / (mbps * 1e6) + 0.06)
     try:
         rx = subprocess.Popen([*pre_rx, *py, "recv", f"tcp://{host}:{port}", "--count", str(len(payloads)),
                                "--timeout", str(30 + gap * len(payloads))], cwd=ROOT, env=env,
@@ -97,7 +98,7 @@ def _transfer(link: ShapedLink | None, payloads: list[bytes], mbps: float, port:
     msgs = json.loads(out.strip().splitlines()[-1])["messages"]
     if len(msgs) != len(payloads):
         raise RuntimeError(f"received {len(msgs)} of {len(payloads)} messages: {err.strip()[-300:]}")
-    return [m["latency_s"] for m in msgs]
+    return msgs
 
 
 def measure_links(payload_sets: dict[str, list[bytes]], bandwidths: list[float], use_netns: bool) -> dict:
@@ -119,7 +120,11 @@ def measure_links(payload_sets: dict[str, list[bytes]], bandwidths: list[float],
                 link.shape(bw)
             for name, payloads in payload_sets.items():
                 port += 1
-                lat = _transfer(link, payloads, bw, port)
+                msgs = _transfer(link, payloads, bw, port)
+                lat = [m["latency_s"] for m in msgs]
+                port += 1
+                arr = sorted(m["arrival_ns"] for m in _transfer(link, payloads, bw, port, back_to_back=True))
+                per_msg = (arr[-1] - arr[0]) / 1e9 / max(len(arr) - 1, 1)
                 wire = float(np.mean([len(p) + HEADER_SIZE for p in payloads]))
                 model = wire * 8 / (bw * 1e6)
                 result["rows"].append({"payload": name, "mbps": bw if link else None, "wire_bytes_mean": wire,
@@ -128,6 +133,7 @@ def measure_links(payload_sets: dict[str, list[bytes]], bandwidths: list[float],
                                        "model_s": model if link else None,
                                        "model_with_burst_s": (max(0.0, wire - BURST_BYTES) * 8 / (bw * 1e6)
                                                               if link else None),
+                                       "back_to_back_s_per_message": per_msg,
                                        "messages": len(lat)})
                 log.info("link %s: %s", result["mode"], result["rows"][-1])
     finally:

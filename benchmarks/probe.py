@@ -76,7 +76,8 @@ def recv(args) -> dict:
             break
         now = time.time_ns()
         header, _payload = unpack(msg)
-        out.append({"frame": header.frame_index, "bytes": len(msg), "latency_s": (now - header.sent_ns) / 1e9})
+        out.append({"frame": header.frame_index, "bytes": len(msg), "latency_s": (now - header.sent_ns) / 1e9,
+                    "arrival_ns": now})
     sock.close(0)
     return {"kind": "recv", "messages": out}
 
@@ -102,7 +103,8 @@ def send(args) -> dict:
         h = WireHeader(stream_id=0, frame_index=i, capture_ns=time.time_ns(), sent_ns=time.time_ns(),
                        fingerprint=b"\0" * 16, latent_shape=(1, 1, 1), orig_size=(1, 1))
         sock.send(pack(h, p))
-        time.sleep(args.gap)
+        if args.gap > 0:
+            time.sleep(args.gap)
     sock.close()
     return {"kind": "send", "messages": len(payloads)}
 

@@ -164,7 +164,8 @@ def markdown(r: dict) -> str:
               f"figure is imports (`codec.api` imports Ultralytics and CompressAI through `codec.teachers`), not "
               f"the 0.1 MB encoder.", ""]
     L += ["## End-to-end latency", "",
-          "Model: device time (1 thread) + bytes x 8 / bandwidth + server time (default threads). Offload "
+          "Model: device time (1 thread) + bytes x 8 / bandwidth + server time (the faster of 1 thread and default "
+          "threads on this machine; with 2 cores shared with other jobs, multi-threaded timings are noisy). Offload "
           "baselines send the JPEG/H.264 setting that matches the split model's accuracy (or, when none does, "
           "their largest); their server time is decode + the shared-backbone teachers.", "",
           "| scenario | device ms | bytes | server ms | " + " | ".join(f"{b} Mbit/s" for b in lat["bandwidths_mbps"])
@@ -178,16 +179,20 @@ def markdown(r: dict) -> str:
         L += [f"Model against measurement ({links['mode']}; {links['transport']}; `tc qdisc ... tbf rate R burst "
               f"32kbit latency 50ms` on the sender's veth; one message at a time, one-way time from `sent_ns` to "
               f"arrival, both namespaces on one clock):", "",
-              "| payload | Mbit/s | wire bytes | measured median ms | p90 ms | model ms | model with 4 KB burst ms |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| payload | Mbit/s | wire bytes | measured median ms | p90 ms | model ms | model with 4 KB burst ms "
+              "| back-to-back ms/message |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for x in links["rows"]:
             L.append(f"| {x['payload']} | {_f(x['mbps'], '{}')} | {x['wire_bytes_mean']:.0f} | "
                      f"{1e3 * x['measured_s_median']:.2f} | {1e3 * x['measured_s_p90']:.2f} | "
                      f"{_f(x['model_s'] and 1e3 * x['model_s'], '{:.2f}')} | "
-                     f"{_f(x['model_with_burst_s'] is not None and 1e3 * x['model_with_burst_s'], '{:.2f}')} |")
+                     f"{_f(x['model_with_burst_s'] is not None and 1e3 * x['model_with_burst_s'], '{:.2f}')} | "
+                     f"{1e3 * x['back_to_back_s_per_message']:.2f} |")
         L += ["", "The token bucket starts full after each idle gap, so the first 32 kbit (4 KB) of a message pass at "
               "line rate: small payloads arrive faster than bytes/bandwidth, larger ones follow the model minus the "
-              "burst.", ""]
+              "burst. Back-to-back (the bucket drained, the steady state of a live stream) the spacing of arrivals "
+              "is the link's real per-frame cost, to compare with the model column (TCP/IP and ZeroMQ framing add "
+              "a few percent).", ""]
     else:
         L += ["Shaped-link measurement skipped (--quick or --no-netns).", ""]
     L += ["## Entropy coding throughput", "",
