@@ -63,7 +63,7 @@ def plots(result: dict, out: Path) -> list[str]:
     for name, vals in lat["total_s"].items():
         ax.plot(lat["bandwidths_mbps"], [1e3 * v for v in vals], marker="o", label=name)
     for r in (lat.get("links") or {}).get("rows", []):
-        if r["mbps"] and r["payload"].startswith("split"):
+        if r["mbps"] and r["payload"].startswith("split") and "measured_s_median" in r:
             ax.scatter([r["mbps"]], [1e3 * r["measured_s_median"]], marker="x", color="k", zorder=5)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -183,11 +183,14 @@ def markdown(r: dict) -> str:
               "| back-to-back ms/message |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for x in links["rows"]:
+            if "error" in x:
+                L.append(f"| {x['payload']} | {x['mbps']} | failed: {x['error'][:120]} | | | | | |")
+                continue
             L.append(f"| {x['payload']} | {_f(x['mbps'], '{}')} | {x['wire_bytes_mean']:.0f} | "
                      f"{1e3 * x['measured_s_median']:.2f} | {1e3 * x['measured_s_p90']:.2f} | "
                      f"{_f(x['model_s'] and 1e3 * x['model_s'], '{:.2f}')} | "
                      f"{_f(x['model_with_burst_s'] is not None and 1e3 * x['model_with_burst_s'], '{:.2f}')} | "
-                     f"{1e3 * x['back_to_back_s_per_message']:.2f} |")
+                     f"{_f(x['back_to_back_s_per_message'] and 1e3 * x['back_to_back_s_per_message'], '{:.2f}')} |")
         L += ["", "The token bucket starts full after each idle gap, so the first 32 kbit (4 KB) of a message pass at "
               "line rate: small payloads arrive faster than bytes/bandwidth, larger ones follow the model minus the "
               "burst. Back-to-back (the bucket drained, the steady state of a live stream) the spacing of arrivals "
