@@ -16,8 +16,8 @@ class ServerReceive(Source):
     """Receive wire messages, check them (wire.unpack + model fingerprint) and emit Packets in arrival order.
 
     Bad messages are refused and counted, each kind of error logged once. ``exit_on_eos``: end once every
-    stream seen has sent its end-of-stream message (replay); otherwise run until stopped (SIGINT/SIGTERM),
-    then drain what is queued (up to ``drain_s``)."""
+    stream seen has sent its end-of-stream message (replay; on SIGINT/SIGTERM it still waits up to ``drain_s``
+    for the edges' end-of-stream); otherwise run until stopped, then stop taking frames at once."""
     key = "server.receive"
     live = False
 
@@ -64,7 +64,10 @@ class ServerReceive(Source):
             if stop.is_set() and stop_at is None:
                 stop_at = time.monotonic()
             if stop_at is not None:
-                if time.monotonic() - stop_at > self.drain_s or idle > 1.0:
+                # waiting for end-of-stream (replay): drain up to drain_s; a standalone server whose edges keep
+                # sending stops taking new frames at once (frames already inside the graph still finish)
+                drain = self.drain_s if self.exit_on_eos else min(self.drain_s, 0.2)
+                if time.monotonic() - stop_at > drain or idle > 1.0:
                     return
                 if self.expected and set(self.expected) >= set(self.received):
                     return
