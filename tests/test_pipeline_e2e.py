@@ -216,3 +216,36 @@ def test_edge_without_server_fails_clearly(tmp_path, capsys):
                "--link-timeout", "1", "--rate", "max", "--quiet"])
     assert rc == 1
     assert "no server took a frame" in capsys.readouterr().err
+
+
+def test_server_refuses_foreign_and_corrupt_messages_counts_and_logs_once():
+    import threading
+
+    from pipeline.codecs import get_codec
+    from pipeline.stage import StageContext, StageStats, create_stage
+    from transport import wire
+    from transport.link import PushLink
+    codec = get_codec(CKPT)
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    logs = []
+    rx = create_stage("server.receive", endpoint=ep, checkpoint=CKPT, exit_on_eos=True)
+    stats = StageStats()
+    rx.open(StageContext("receive", "t", threading.Event(), stats, {}, logs.append))
+    push = PushLink(ep, send_timeout_s=10)
+    img = np.zeros((1, 64, 64, 3), np.uint8)
+    enc = codec.encode(img)[0]
+
+    def msg(i, fp=codec.fingerprint):
+        return wire.pack(wire.WireHeader(0, i, 1, 2, fp, enc.latent_shape, (64, 64)), enc.payload)
+
+    push.send(msg(0, fp=b"\x01" * 16))
+    push.send(msg(1, fp=b"\x02" * 16))
+    push.send(msg(2)[:-1])  # truncated
+    push.send(msg(3))
+    push.send(wire.end_of_stream(0, 4, codec.fingerprint))
+    got = list(rx.frames())
+    rx.close()
+    push.close(0)
+    assert [p.index for p in got] == [3]
+    assert stats.extra["refused"] == {"FingerprintMismatch": 2, "LengthMismatchError": 1}
+    assert sum("FingerprintMismatch" in m for m in logs) == 1  # logged once, counted always
