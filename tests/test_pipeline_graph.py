@@ -125,3 +125,13 @@ def test_rle_round_trip():
     from stages.sinks import rle_decode, rle_encode
     m = np.random.default_rng(0).integers(0, 3, (7, 9)).astype(np.uint8)
     assert (rle_decode(rle_encode(m)) == m).all()
+
+
+def test_server_task_subset():
+    from pipeline.commands._common import select_tasks
+    spec = load_graph("server")
+    select_tasks(spec, ["detection", "classification"])
+    assert [s.key for s in spec.stages if s.key.startswith("task.")] == ["task.detection", "task.classification"]
+    assert spec.stage("merge").inputs == ["detection", "classification"]
+    with pytest.raises(UsageError, match="colour"):
+        select_tasks(spec, ["colour"])

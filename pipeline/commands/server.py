@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.commands._common import (add_common, check_max_frames, list_stages, load, run_graph, select_tasks)
+from pipeline.errors import UsageError
 from pipeline.graph import StageSpec
 from transport.link import check_endpoint
 
@@ -35,9 +36,11 @@ def run(args) -> int:
                  "exit_on_eos": bool(args.exit_on_eos), "max_frames": args.max_frames,
                  "frames_from": args.frames_from}
     spec = load(args.config or "server", variables)
-    if args.config is None:
-        select_tasks(spec, [t.strip() for t in args.tasks.split(",") if t.strip()])
-        if args.pub:
-            check_endpoint(args.pub, "--pub")
-            spec.stages.append(StageSpec("pub", "sink.zmq_pub", ["merge"], {"endpoint": args.pub}))
+    select_tasks(spec, [t.strip() for t in args.tasks.split(",") if t.strip()])
+    if args.pub:
+        check_endpoint(args.pub, "--pub")
+        merges = [s.name for s in spec.stages if s.key == "results.merge"]
+        if not merges:
+            raise UsageError(f"--pub needs a results.merge stage in {spec.path} to publish from")
+        spec.stages.append(StageSpec("pub", "sink.zmq_pub", [merges[-1]], {"endpoint": args.pub}))
     return run_graph(spec, Path(args.out) / "server_summary.json", quiet=args.quiet)
