@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default=None, metavar="URL_OR_PATH",
                    help="video file, image folder, rtsp:// udp:// http:// URL, camera:N or /dev/videoN, conveyor[:SEED] "
                         "(default: a generated conveyor-line video)")
-    p.add_argument("--rate", default="max", help="replay pace of a file: native (its frame rate), max, or FPS "
-                                                  "(default: max)")
+    p.add_argument("--rate", default="native", help="replay pace of a file: native (its own frame rate), max (as "
+                                                     "fast as possible) or FPS (default: native)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="set a ${NAME} variable of the graph YAML (repeatable)")
     add_common(p)
