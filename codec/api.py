@@ -16,12 +16,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from codec.model import CDF_BUFFERS, SplitModel
+from codec.entropy_coder import get_coder, latent_from_symbols, symbols_from_latent
 from codec.student import EdgeEncoder, StudentSpec, count_macs
-from codec.teachers import TASKS, MultiTaskTeachers, TeacherSpec, postprocess
 from compressai.entropy_models import EntropyBottleneck
 from compressai.models.utils import update_registered_buffers
 
+# The server side (teachers, Ultralytics) is imported lazily: the edge process loads only encoder + entropy model.
+TASKS = ("detection", "segmentation", "classification")
+CDF_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length")
+DEFAULT_ENTROPY_CODER = "constriction"  # 4x faster than CompressAI's rANS at the same size (benchmarks/)
+LEGACY_ENTROPY_CODER = "compressai"  # checkpoints that predate the choice
 FORMAT = "ladon-split-checkpoint"
 FORMAT_VERSION = 1
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "default.pt"
@@ -56,10 +60,14 @@ class Features:
     batch: int
 
 
-def model_fingerprint(spec: StudentSpec, input_size: int, teacher_yaml: dict, eb: EntropyBottleneck) -> bytes:
-    """16-byte hash of the architecture and the entropy model's tables: equal iff bitstreams are compatible."""
+def model_fingerprint(spec: StudentSpec, input_size: int, teacher_yaml: dict, eb: EntropyBottleneck,
+                      entropy_coder: str = LEGACY_ENTROPY_CODER) -> bytes:
+    """16-byte hash of the architecture, the entropy coder and the entropy model's tables: equal iff bitstreams
+    are compatible."""
     h = hashlib.sha256()
     arch = {"spec": spec.to_dict(), "input_size": input_size, "teachers": teacher_yaml, "format": FORMAT_VERSION}
+    if entropy_coder != LEGACY_ENTROPY_CODER:
+        arch["entropy_coder"] = entropy_coder
     h.update(json.dumps(arch, sort_keys=True, default=str).encode())
     for name in (*CDF_BUFFERS, "quantiles"):
         t = getattr(eb, name).detach().cpu().contiguous()
@@ -89,13 +97,22 @@ class _EntropyCoding:
     entropy_bottleneck: EntropyBottleneck
     input_size: int
     fingerprint: bytes
+    entropy_coder: str
+    _coder = None
+
+    @property
+    def coder(self):
+        """The entropy coder bound to this model's CDF tables (built once)."""
+        if self._coder is None:
+            self._coder = get_coder(self.entropy_coder, self.entropy_bottleneck)
+        return self._coder
 
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> list[EncodedFrame]:
         """Frames (B,S,S,3) uint8 RGB at the model input size -> one entropy-coded payload per frame."""
         x = _frames_to_tensor(frames, self.input_size)
         y = self.encoder(x)
-        strings = self.entropy_bottleneck.compress(y)
+        strings = self.coder.compress(symbols_from_latent(self.entropy_bottleneck, y))
         shape = tuple(int(s) for s in y.shape[1:])
         return [EncodedFrame(bytes(s), shape, self.fingerprint) for s in strings]
 
@@ -122,26 +139,33 @@ class _EntropyCoding:
 class SplitCodec(_EntropyCoding):
     """Everything: encode (edge), decode + shared body (server), heads (consumers)."""
 
-    def __init__(self, model: SplitModel):
+    def __init__(self, model, entropy_coder: str = DEFAULT_ENTROPY_CODER):
+        """``model`` is a :class:`codec.model.SplitModel`."""
         self.model = model.eval()
         self.encoder, self.entropy_bottleneck = model.encoder, model.entropy_bottleneck
         self.input_size = model.input_size
+        self.entropy_coder = entropy_coder
         if self.entropy_bottleneck._quantized_cdf.numel() == 0:
             self.entropy_bottleneck.update(force=True)
         self.fingerprint = model_fingerprint(model.spec, model.input_size,
-                                             model.teachers.export_state()["yaml"], self.entropy_bottleneck)
+                                             model.teachers.export_state()["yaml"], self.entropy_bottleneck,
+                                             entropy_coder)
         self.class_names = {t: model.teachers.names(t) for t in TASKS}
         self.latent_shape = (model.spec.latent_channels, self.input_size // 4, self.input_size // 4)
 
     # ------------------------------------------------------------- construction
     @classmethod
-    def random(cls, input_size: int = 64, seed: int = 0, spec: StudentSpec | None = None) -> "SplitCodec":
+    def random(cls, input_size: int = 64, seed: int = 0, spec: StudentSpec | None = None,
+               entropy_coder: str = DEFAULT_ENTROPY_CODER) -> "SplitCodec":
         """Randomly initialised model of the default architecture: for plumbing tests, never for results."""
+        from codec.model import SplitModel
+        from codec.teachers import MultiTaskTeachers, TeacherSpec
+
         torch.manual_seed(seed)
         teachers = MultiTaskTeachers.from_spec(TeacherSpec(input_size=input_size))
         model = SplitModel(teachers, spec, input_size)
         model.entropy_bottleneck.update(force=True)
-        return cls(model)
+        return cls(model, entropy_coder)
 
     # ------------------------------------------------------------- server side
     @torch.no_grad()
@@ -168,12 +192,17 @@ class SplitCodec(_EntropyCoding):
                                  f"expected {self.latent_shape}")
             if not e.payload:
                 raise CodecError(f"payload {i} is empty")
-        strings = [e.payload for e in encoded]
-        return self.entropy_bottleneck.decompress(strings, self.latent_shape[1:])
+        try:
+            symbols = self.coder.decompress([e.payload for e in encoded], self.latent_shape)
+        except (ValueError, RuntimeError) as exc:
+            raise CodecError(f"payload does not decode with the {self.entropy_coder} coder: {exc}") from exc
+        return latent_from_symbols(self.entropy_bottleneck, symbols)
 
     @torch.no_grad()
     def head(self, task: str, features: Features, conf: float = 0.25) -> list:
         """One task's per-frame results (see :func:`codec.teachers.postprocess` for the forms)."""
+        from codec.teachers import postprocess
+
         if task not in TASKS:
             raise CodecError(f"unknown task {task!r}; expected one of {TASKS}")
         raw = self.model.teachers.head_raw(task, features.cache)
@@ -187,6 +216,8 @@ class SplitCodec(_EntropyCoding):
     @torch.no_grad()
     def teachers_on_frames(self, frames: np.ndarray, tasks: Sequence[str] = TASKS, conf: float = 0.25) -> list[dict]:
         """The reference: the teachers run on the raw frames (no compression)."""
+        from codec.teachers import postprocess
+
         x = _frames_to_tensor(frames, self.input_size)
         cache = self.model.teachers.backbone(x)
         per_task = {t: postprocess(t, self.model.teachers.head_raw(t, cache), self.input_size, conf=conf,
@@ -206,7 +237,7 @@ class SplitCodec(_EntropyCoding):
             "student_spec": m.spec.to_dict(), "teachers": m.teachers.export_state(),
             "encoder": m.encoder.state_dict(), "entropy_bottleneck": m.entropy_bottleneck.state_dict(),
             "decoder": m.decoder.state_dict(), "fingerprint": self.fingerprint.hex(),
-            "extra": extra or {},
+            "entropy_coder": self.entropy_coder, "extra": extra or {},
         }
         return _atomic_save(state, path)
 
@@ -215,15 +246,18 @@ class SplitCodec(_EntropyCoding):
         m = self.model
         state = {"format": FORMAT + "-edge", "version": FORMAT_VERSION, "input_size": m.input_size,
                  "student_spec": m.spec.to_dict(), "encoder": m.encoder.state_dict(),
-                 "entropy_bottleneck": m.entropy_bottleneck.state_dict(), "fingerprint": self.fingerprint.hex()}
+                 "entropy_bottleneck": m.entropy_bottleneck.state_dict(), "fingerprint": self.fingerprint.hex(),
+                 "entropy_coder": self.entropy_coder}
         return _atomic_save(state, path)
 
 
 class EdgeCodec(_EntropyCoding):
     """The device's half: encoder + entropy model only. Loads from a full or an edge checkpoint."""
 
-    def __init__(self, spec: StudentSpec, input_size: int, encoder_state: dict, eb_state: dict, fingerprint: bytes):
+    def __init__(self, spec: StudentSpec, input_size: int, encoder_state: dict, eb_state: dict, fingerprint: bytes,
+                 entropy_coder: str = LEGACY_ENTROPY_CODER):
         self.spec, self.input_size, self.fingerprint = spec, int(input_size), fingerprint
+        self.entropy_coder = entropy_coder
         self.encoder = EdgeEncoder(spec).eval()
         self.encoder.load_state_dict(encoder_state)
         self.entropy_bottleneck = EntropyBottleneck(spec.latent_channels).eval()
@@ -274,9 +308,22 @@ def _read_checkpoint(path: str | Path | None, want_edge_ok: bool) -> dict:
     return state
 
 
+def _coder_name(state: dict, path) -> str:
+    from codec.entropy_coder import CODERS
+
+    name = state.get("entropy_coder", LEGACY_ENTROPY_CODER)
+    if name not in CODERS:
+        raise CheckpointError(f"{path} uses entropy coder {name!r}; this code has {sorted(CODERS)}")
+    return name
+
+
 def load_codec(path: str | Path | None = None) -> SplitCodec:
     """Load a full checkpoint (None: the shipped default). Raises CheckpointError on a foreign or broken file."""
+    from codec.model import SplitModel
+    from codec.teachers import MultiTaskTeachers
+
     state = _read_checkpoint(path, want_edge_ok=False)
+    coder = _coder_name(state, path)
     try:
         spec = StudentSpec.from_dict(state["student_spec"])
         teachers = MultiTaskTeachers.from_state(state["teachers"])
@@ -286,7 +333,7 @@ def load_codec(path: str | Path | None = None) -> SplitCodec:
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: weights do not fit the architecture: {str(exc).splitlines()[0]}") from exc
     _load_eb(model.entropy_bottleneck, state["entropy_bottleneck"])
-    codec = SplitCodec(model)
+    codec = SplitCodec(model, coder)
     if codec.fingerprint.hex() != state["fingerprint"]:
         raise CheckpointError(f"{path}: stored fingerprint {state['fingerprint']} does not match its tables "
                               f"({codec.fingerprint.hex()}); the file is corrupt or was edited")
@@ -299,7 +346,7 @@ def load_edge(path: str | Path | None = None) -> EdgeCodec:
     try:
         spec = StudentSpec.from_dict(state["student_spec"])
         return EdgeCodec(spec, state["input_size"], state["encoder"], state["entropy_bottleneck"],
-                         bytes.fromhex(state["fingerprint"]))
+                         bytes.fromhex(state["fingerprint"]), _coder_name(state, path))
     except (RuntimeError, KeyError, ValueError) as exc:
         if isinstance(exc, CheckpointError):
             raise

@@ -16,7 +16,7 @@ from codec.teachers import BODY_END, MultiTaskTeachers
 
 SPLIT_LAYER = 2  # YOLO26 layer 2: end of the stride-4 stage
 FEATURE_LAYERS = (2, 4, 6, 8, 10)  # where stage 1 matches the teacher (split point and later backbone stages)
-CDF_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length")
+from codec.api import CDF_BUFFERS  # noqa: E402  (one definition, shared with the edge)
 
 
 class SplitModel(nn.Module):

@@ -45,13 +45,24 @@ def test_out_of_table_values_escape_and_roundtrip(codec, frames, name):
 
 
 def test_compressai_coder_matches_codec_payload_and_latent(codec, frames):
+    legacy = SplitCodec(codec.model, entropy_coder="compressai")  # checkpoints without an entropy_coder key
+    assert legacy.fingerprint != codec.fingerprint  # a server refuses payloads of the other coder
     sym = _symbols(codec, frames)
-    encoded = codec.encode(frames)
+    encoded = legacy.encode(frames)
+    with torch.no_grad():  # CompressAI's own compress() gives the same bytes as the legacy codec payload
+        y = codec.encoder(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255)
+        assert [bytes(b) for b in codec.entropy_bottleneck.compress(y)] == [e.payload for e in encoded]
     for name in ("compressai", "compressai-cached"):
         data = get_coder(name, codec.entropy_bottleneck).compress(sym)
         assert data == [e.payload for e in encoded]
     latent = latent_from_symbols(codec.entropy_bottleneck, sym)
-    assert torch.equal(latent, codec.decode_latents(encoded))
+    assert torch.equal(latent, legacy.decode_latents(encoded))
+
+
+def test_default_codec_payload_is_the_constriction_coder(codec, frames):
+    assert codec.entropy_coder == "constriction"
+    data = get_coder("constriction", codec.entropy_bottleneck).compress(_symbols(codec, frames))
+    assert data == [e.payload for e in codec.encode(frames)]
 
 
 def test_constriction_decodes_same_latent_at_same_size(codec, frames):
