@@ -51,8 +51,9 @@ class Stage1Config:
     epochs: int = 4
     batch: int = 16
     crop: int = 128  # fully convolutional: train on crops, 4x cheaper than whole 256 px frames
-    lr: float = 1e-3
-    aux_lr: float = 1e-3
+    lr: float = 2e-3  # encoder and decoder
+    eb_lr: float = 1e-2  # the entropy model's density: it must sharpen within a few hundred steps
+    aux_lr: float = 1e-2  # the entropy model's quantiles (auxiliary loss)
     feature_layers: list[int] = field(default_factory=lambda: [2, 4, 6, 8, 10])
 
 
@@ -72,8 +73,8 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/default"
     input_size: int = 256
-    betas: list[float] = field(default_factory=lambda: [0.02, 0.08, 0.32])
-    default_beta: float | None = 0.08  # exported as the shipped model when `export` is set
+    betas: list[float] = field(default_factory=lambda: [0.05, 0.4, 3.2])
+    default_beta: float | None = 0.4  # exported as the shipped model when `export` is set
     export: str | None = None  # e.g. models/default.pt
     data: DataConfig = field(default_factory=DataConfig)
     teachers: TeacherConfig = field(default_factory=TeacherConfig)

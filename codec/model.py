@@ -33,7 +33,9 @@ class SplitModel(nn.Module):
         self.spec, self.input_size = spec, int(input_size)
         self.teachers = teachers
         self.encoder = EdgeEncoder(spec)
-        self.entropy_bottleneck = EntropyBottleneck(spec.latent_channels)
+        # a narrow initial density (init_scale 1, CompressAI's default is 10): the rate starts near what a
+        # trained model sends, so a CPU-sized schedule of a few hundred steps reaches the target rate
+        self.entropy_bottleneck = EntropyBottleneck(spec.latent_channels, init_scale=1.0)
         self.decoder = ServerDecoder(spec)
 
     def body_from_split(self, split_feature: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -224,9 +224,13 @@ def run_stage1(cfg: TrainConfig, model: SplitModel, images: np.ndarray, beta: fl
                resume: bool) -> None:
     rank, world, device = _dist()
     s1 = cfg.stage1
-    params = [p for n, p in model.named_parameters() if not n.startswith("teachers.") and not n.endswith(".quantiles")]
-    aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
-    opt, aux_opt = torch.optim.Adam(params, lr=s1.lr), torch.optim.Adam(aux, lr=s1.aux_lr)
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("teachers.")]
+    density = [p for n, p in named if n.startswith("entropy_bottleneck.") and not n.endswith(".quantiles")]
+    nets = [p for n, p in named if not n.startswith("entropy_bottleneck.")]
+    aux = [p for n, p in named if n.endswith(".quantiles")]
+    params = nets + density
+    opt = torch.optim.Adam([{"params": nets, "lr": s1.lr}, {"params": density, "lr": s1.eb_lr}])
+    aux_opt = torch.optim.Adam(aux, lr=s1.aux_lr)
     start = _epochs(stage_dir, s1.epochs, resume, model, [opt, aux_opt])
     model.to(device)
     train_model = model
@@ -234,7 +238,7 @@ def run_stage1(cfg: TrainConfig, model: SplitModel, images: np.ndarray, beta: fl
         train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     n = len(images)
     steps = math.ceil(n / world / s1.batch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, s1.epochs * steps), eta_min=s1.lr * 0.05)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, s1.epochs * steps), eta_min=1e-5)
     for _ in range(start * steps):
         sched.step()
     for epoch in range(start, s1.epochs):
@@ -251,7 +255,7 @@ def run_stage1(cfg: TrainConfig, model: SplitModel, images: np.ndarray, beta: fl
             loss, parts = stage1_loss(train_model.module if world > 1 else model, x, beta, s1.feature_layers)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
             sched.step()
             aux_loss = model.entropy_bottleneck.loss()
