@@ -103,7 +103,7 @@ def train_teachers(cfg: TrainConfig, run: Path, data_dir: Path) -> MultiTaskTeac
         ("semantic", t.semantic_yaml, data_dir / "semantic" / "data.yaml",
          dict(epochs=t.head_epochs, freeze=SEM_HEAD_START)),
         ("classify", t.classify_yaml, data_dir / "classify",
-         dict(epochs=t.head_epochs, freeze=CLS_HEAD_START, scale=0.1, erasing=0.0, auto_augment=None)),
+         dict(epochs=t.classify_epochs, freeze=CLS_HEAD_START, scale=0.1, erasing=0.0, auto_augment=None)),
     ]
     weights = {}
     for name, yaml_file, data, extra in jobs:
