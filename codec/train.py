@@ -303,6 +303,21 @@ def run_stage2(cfg: TrainConfig, model: SplitModel, arrays: dict, stage_dir: Pat
                                                  "optims": [opt.state_dict()]}, cfg)
 
 
+def export_default(cfg: TrainConfig, final: Path) -> None:
+    """Copy the default-rate checkpoint to ``cfg.export`` (the shipped model), with its config and edge part."""
+    if not cfg.export:
+        return
+    from codec.api import load_codec
+
+    export = Path(cfg.export)
+    export.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(final, export)
+    dump_config(cfg, export.with_suffix(".yaml"))
+    load_codec(export).save_edge(export.with_suffix(".edge.pt"))
+    print(f"[train] exported {export} (+ {export.with_suffix('.edge.pt').name}, {export.with_suffix('.yaml').name})",
+          flush=True)
+
+
 def train(cfg: TrainConfig, resume: bool = False, only_beta: float | None = None,
           until: str | None = None) -> dict[float, Path]:
     """The whole recipe (or up to ``until``: 'data' or 'teachers'). Returns {beta: exported checkpoint}."""
@@ -330,6 +345,8 @@ def train(cfg: TrainConfig, resume: bool = False, only_beta: float | None = None
         final = out / "split.pt"
         if final.is_file():
             results[beta] = final
+            if beta == cfg.default_beta and cfg.export and not Path(cfg.export).is_file():
+                export_default(cfg, final)
             continue
         seed_everything(cfg.seed)
         model = build_split_model(cfg, teachers)
@@ -343,13 +360,7 @@ def train(cfg: TrainConfig, resume: bool = False, only_beta: float | None = None
         dump_config(cfg, out / "config.yaml")
         print(f"[train] beta={beta:g}: {final} ({time.perf_counter() - tb:.0f} s)", flush=True)
         results[beta] = final
-    if cfg.export and cfg.default_beta in results:
-        export = Path(cfg.export)
-        export.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(results[cfg.default_beta], export)
-        dump_config(cfg, export.with_suffix(".yaml"))
-        from codec.api import load_codec
-        load_codec(export).save_edge(export.with_suffix(".edge.pt"))
-        print(f"[train] exported {export} (+ {export.with_suffix('.edge.pt').name})", flush=True)
+        if beta == cfg.default_beta:
+            export_default(cfg, final)
     print(f"[train] done in {time.perf_counter() - t0:.0f} s", flush=True)
     return results
