@@ -338,7 +338,8 @@ class GraphRunner:
         order = list(reversed(_topo_order(self.spec.stages, self.spec.path)))
         for s in order:
             node = self.nodes[s.name]
-            ctx = StageContext(s.name, self.spec.name, self.stop, node.stats, self.shared, self.log, list(s.inputs))
+            ctx = StageContext(s.name, self.spec.name, self.stop, node.stats, self.shared, self.log, list(s.inputs),
+                               emit=lambda msg, _n=node: self._emit(_n, msg))
             try:
                 node.stage.open(ctx)
             except BaseException:

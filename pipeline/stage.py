@@ -116,6 +116,15 @@ class FrameResult:
 
 
 @dataclass
+class ResultRecord:
+    """A frame's finished JSON object (the JSONL schema), e.g. computed by a worker process (topology b)."""
+    stream: int
+    index: int
+    record: dict
+    live: bool = False
+
+
+@dataclass
 class EndOfStream:
     """Sent downstream by the runtime after a stage's inputs have all ended (never passed to process)."""
     reason: str = "end"
@@ -131,6 +140,8 @@ class StageContext:
     shared: dict[str, Any]  # objects shared by the stages of one process (e.g. the codec)
     log: Callable[[str], None]
     inputs: list[str] = field(default_factory=list)
+    #: send a message downstream from any thread (for stages whose results arrive asynchronously)
+    emit: Callable[[Any], None] | None = None
 
 
 @dataclass

@@ -10,7 +10,6 @@ from pipeline.codecs import get_codec
 from pipeline.errors import UsageError
 from pipeline.stage import Frame, Letterbox, Packet, Stage, register_stage
 from transport import wire
-from transport.link import LinkTimeout, PushLink
 
 
 def letterbox_params(orig_w: int, orig_h: int, size: int) -> Letterbox:
@@ -62,50 +61,103 @@ class EdgeEncode(Stage):
 
 @register_stage
 class EdgeSend(Stage):
-    """Packet -> ZeroMQ PUSH (see transport.link for why PUSH/PULL). Sends an end-of-stream message on close."""
+    """Packet -> ZeroMQ DEALER with credits and acks (transport.session.EdgeClient), one link per stream.
+
+    Replay packets are kept until the server acknowledges them (resent after a server restart); live packets go
+    through a short queue of the newest frames (``policy`` drop-oldest / drop-newest, drops counted). tcp://
+    needs CurveZMQ keys (``secret_key`` + ``server_key``) unless ``insecure: true``."""
     key = "edge.send"
     accepts = (Packet,)
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", bind: bool = False, hwm: int = 16,
-                 timeout_s: float = 30.0):
-        self.endpoint, self.bind, self.hwm, self.timeout_s = endpoint, bool(bind), int(hwm), float(timeout_s)
+                 timeout_s: float = 30.0, secret_key: str | None = None, server_key: str | None = None,
+                 insecure: bool = False, policy: str = "drop-oldest", live_queue: int = 2, backlog: int = 32,
+                 heartbeat_s: float = 0.5):
         from transport.link import check_endpoint
+        from transport.security import client_security
+        from transport.session import POLICIES
         check_endpoint(endpoint, "edge.send endpoint")
+        if bind:
+            raise UsageError("edge.send: `bind: true` is not supported (the edge connects; the server binds)")
+        if policy not in POLICIES:
+            raise UsageError(f"edge.send policy {policy!r}: use one of {', '.join(POLICIES)}")
+        self.endpoint, self.timeout_s = endpoint, float(timeout_s)
+        self.policy, self.live_queue, self.backlog = policy, int(live_queue), int(backlog)
+        self.heartbeat_s = float(heartbeat_s)
+        if self.live_queue < 1 or self.backlog < 1:
+            raise UsageError("edge.send: live_queue and backlog must be >= 1")
+        self.security = client_security(endpoint, secret_key, server_key, bool(insecure), who="edge")
 
     def open(self, ctx) -> None:
         super().open(ctx)
-        self.link = PushLink(self.endpoint, bind=self.bind, hwm=self.hwm, send_timeout_s=self.timeout_s)
+        self.clients: dict = {}
         self.counts: dict[int, int] = {}
-        self.fingerprint = None
+        ctx.shared["link_status"] = self.status
+
+    def status(self) -> str:
+        return "; ".join(c.status() for c in list(getattr(self, "clients", {}).values())) or "no frame sent yet"
+
+    def _client(self, p: Packet):
+        from transport.session import EdgeClient
+        cl = self.clients.get(p.stream)
+        if cl is None:
+            fp = wire.unpack(p.data)[0].fingerprint
+            cl = EdgeClient(self.endpoint, p.stream, fp, mode="live" if p.live else "replay", security=self.security,
+                            backlog=self.backlog, live_queue=self.live_queue, policy=self.policy,
+                            timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s, log=self.ctx.log,
+                            name=self.ctx.name)
+            self.clients[p.stream] = cl
+        return cl
 
     def process(self, p: Packet):
-        if self.fingerprint is None:
-            self.fingerprint = wire.unpack(p.data)[0].fingerprint
+        from transport.session import LinkTimeout, Refused
+        cl = self._client(p)
         try:
-            ok = self.link.send(p.data, live=p.live)
-        except LinkTimeout as exc:
+            ok = cl.submit(p.index, p.data)
+        except (LinkTimeout, Refused) as exc:
             raise RuntimeError(str(exc)) from None
         if not ok:
             self.ctx.stats.dropped += 1
         self.counts[p.stream] = max(self.counts.get(p.stream, 0), p.index + 1)
-        self.ctx.stats.extra["bytes"] = self.link.bytes_sent
+        self._stats()
         return None
 
+    def _stats(self) -> None:
+        ex = self.ctx.stats.extra
+        for k in ("bytes", "sent", "resent", "acked", "restarts_seen"):
+            ex[k] = sum(c.stats[k] for c in self.clients.values())
+        ex["link_dropped"] = sum(c.stats["dropped"] for c in self.clients.values())
+
     def close(self):
-        link = getattr(self, "link", None)
-        if link is None:
+        clients = getattr(self, "clients", None)
+        if not clients:
             return None
+        # on shutdown by signal the server may already be gone: do not hold the exit for long
+        wait = min(self.timeout_s, 3.0) if self.ctx.stop.is_set() else self.timeout_s
         try:
-            fp = self.fingerprint or b"\0" * wire.FINGERPRINT_SIZE
-            for stream, n in self.counts.items():
-                # on shutdown the server may already be gone: do not hold the exit for long
-                link.send(wire.end_of_stream(stream, n, fp, time.time_ns()), live=False,
-                          timeout_s=min(self.timeout_s, 3.0) if self.ctx.stop.is_set() else None)
-        except LinkTimeout as exc:
-            self.ctx.log(f"[{self.ctx.name}] could not send end-of-stream: {exc}")
+            for stream, cl in clients.items():
+                if cl.error is None and not cl.finish(self.counts.get(stream, 0), timeout_s=wait):
+                    left = len(cl.unacked)
+                    if cl.instance is None:
+                        msg = (f"[{self.ctx.name}] no server took a frame at {self.endpoint} within {wait:.0f} s; "
+                               f"is `run_pipeline.py server --bind ...` running and reachable"
+                               + ("? (with keys: is this edge's public key in the server's --allowed-keys folder?)"
+                                  if self.security.on else "?"))
+                        self.ctx.log(msg)
+                        if not self.ctx.stop.is_set():
+                            raise RuntimeError(msg.split("] ", 1)[1])
+                        continue
+                    msg = (f"[{self.ctx.name}] stream {stream}: {left} frame(s) not acknowledged by the server "
+                           f"within {wait:.0f} s" if cl.mode == "replay" else
+                           f"[{self.ctx.name}] stream {stream}: could not send end-of-stream within {wait:.0f} s")
+                    self.ctx.log(msg)
+                    if cl.mode == "replay" and not self.ctx.stop.is_set():
+                        raise RuntimeError(msg.split("] ", 1)[1])
         finally:
-            link.close(linger_s=min(self.timeout_s, 3.0 if self.ctx.stop.is_set() else 10.0))
-            self.link = None
+            self._stats()
+            for cl in clients.values():
+                cl.close()
+            self.clients = {}
         return None
 
 

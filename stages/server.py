@@ -5,119 +5,151 @@ import time
 from typing import Iterator
 
 from pipeline.codecs import get_codec
-from pipeline.stage import Features, Packet, Source, Stage, register_stage
+from pipeline.stage import Features, FrameResult, Packet, Source, Stage, register_stage
 from stages.edge import letterbox_params
 from transport import wire
-from transport.link import PullLink
 
 
 @register_stage
 class ServerReceive(Source):
-    """Receive wire messages, check them (wire.unpack + model fingerprint) and emit Packets in arrival order.
+    """Receive frames over ZeroMQ ROUTER (transport.session): wire checks, model fingerprint and latent shape,
+    replay/duplicate checks, credits; emit Packets in arrival order (each stream in order).
 
-    Bad messages are refused and counted, each kind of error logged once. ``exit_on_eos``: end once every
-    stream seen has sent its end-of-stream message (replay; on SIGINT/SIGTERM it still waits up to ``drain_s``
-    for the edges' end-of-stream); otherwise run until stopped, then stop taking frames at once."""
+    Refused messages are counted per kind and each kind logged once with its sender. A frame is acknowledged
+    when finished: its JSONL line written (the sink's CommitLog), or on emission when the graph has no JSONL
+    sink. ``exit_on_eos``: end once every stream has sent end-of-stream and all its frames are finished
+    (on SIGINT/SIGTERM it still waits up to ``drain_s``); otherwise run until stopped. tcp:// needs the server
+    key pair (``secret_key``) and a folder of allowed edge public keys (``allowed_keys``) unless ``insecure``."""
     key = "server.receive"
     live = False
 
     def __init__(self, endpoint: str = "tcp://*:5555", bind: bool = True, checkpoint=None, exit_on_eos: bool = True,
-                 max_frames=None, hwm: int = 16, drain_s: float = 10.0, idle_timeout_s: float | None = None):
+                 max_frames=None, hwm: int = 16, drain_s: float = 10.0, idle_timeout_s: float | None = None,
+                 window: int = 8, secret_key: str | None = None, allowed_keys: str | None = None,
+                 insecure: bool = False, max_payload: int = 4 * 1024 * 1024, status_s: float = 0.0):
+        from pipeline.errors import UsageError
         from transport.link import check_endpoint
+        from transport.security import server_security
         self.endpoint = check_endpoint(endpoint, "server.receive endpoint")
         self.bind, self.checkpoint, self.exit_on_eos = bool(bind), checkpoint, bool(exit_on_eos)
         self.max_frames = int(max_frames) if max_frames not in (None, "", 0) else None
-        self.hwm, self.drain_s = int(hwm), float(drain_s)
+        self.drain_s = float(drain_s)
         self.idle_timeout_s = float(idle_timeout_s) if idle_timeout_s else None
+        self.window, self.max_payload, self.status_s = int(window), int(max_payload), float(status_s or 0)
+        if self.window < 1:
+            raise UsageError(f"server.receive window {window!r}: give the frames in flight per stream, >= 1")
+        self.security = server_security(endpoint, secret_key, allowed_keys, bool(insecure), who="server")
 
     def open(self, ctx) -> None:
+        import numpy as np
+
+        from transport.session import CommitLog, ServerSession
         super().open(ctx)
-        self.codec = get_codec(self.checkpoint)
-        self.link = PullLink(self.endpoint, bind=self.bind, hwm=self.hwm)
-        ctx.shared["server_endpoint"] = self.link.endpoint
-        self.refused: dict[str, int] = {}
-        self.expected: dict[int, int] = {}
-        self.received: dict[int, int] = {}
-        self.last_index: dict[int, int] = {}
+        self.codec = get_codec(self.checkpoint, edge_only=True)  # the fingerprint and latent shape suffice
+        size = int(self.codec.input_size)
+        self.latent_shape = tuple(self.codec.encode(np.zeros((1, size, size, 3), np.uint8))[0].latent_shape)
+        self.auto_commit = "commit" not in ctx.shared
+        self.commit = ctx.shared.setdefault("commit", CommitLog())
+        self.session = ServerSession(self.endpoint, self.codec.fingerprint, self.latent_shape, self.commit,
+                                     security=self.security, window=self.window, max_payload=self.max_payload,
+                                     log=ctx.log, bind=self.bind, name=ctx.name)
+        ctx.shared["server_endpoint"] = self.session.endpoint
+        ctx.shared["link_status"] = self.session.status
+        self.refused = self.session.refused
 
-    def _refuse(self, exc: Exception) -> None:
-        kind = type(exc).__name__
-        n = self.refused.get(kind, 0)
-        self.refused[kind] = n + 1
-        self.ctx.stats.errors += 1
-        self.ctx.stats.extra["refused"] = dict(self.refused)
-        if n == 0:
-            self.ctx.log(f"[{self.ctx.name}] refused a message ({kind}): {exc} (further {kind} are counted, "
-                         f"not logged)")
-
-    def _done(self) -> bool:
-        """Every stream that sent frames has also sent its end-of-stream message."""
-        return self.exit_on_eos and bool(self.expected) and set(self.expected) >= set(self.received)
+    def _stats(self) -> None:
+        ex = self.ctx.stats.extra
+        ex["refused"] = dict(self.session.refused)
+        ex["bytes"] = self.session.bytes
+        self.ctx.stats.errors = sum(self.session.refused.values())
 
     def frames(self) -> Iterator[Packet]:
-        stop = self.ctx.stop
+        stop, ses = self.ctx.stop, self.session
         stop_at = None
-        last_msg = time.monotonic()
-        idle = 0.0
+        last_msg = last_status = last_house = time.monotonic()
         total = 0
         while True:
+            now = time.monotonic()
             if stop.is_set() and stop_at is None:
-                stop_at = time.monotonic()
+                stop_at = now
             if stop_at is not None:
-                # waiting for end-of-stream (replay): drain up to drain_s; a standalone server whose edges keep
-                # sending stops taking new frames at once (frames already inside the graph still finish)
-                drain = self.drain_s if self.exit_on_eos else min(self.drain_s, 0.2)
-                if time.monotonic() - stop_at > drain or idle > 1.0:
-                    return
-                if self.expected and set(self.expected) >= set(self.received):
-                    return
+                # replay: wait up to drain_s for the edges' end-of-stream; a standalone server stops taking new
+                # frames at once (frames already inside the graph still finish)
+                drain = self.drain_s if self.exit_on_eos else min(self.drain_s, 0.5)
+                if now - stop_at > drain:
+                    break
             if self.max_frames is not None and total >= self.max_frames:
-                return
-            if self.idle_timeout_s and time.monotonic() - last_msg > self.idle_timeout_s:
+                break
+            if self.idle_timeout_s and now - last_msg > self.idle_timeout_s:
                 self.ctx.log(f"[{self.ctx.name}] no message for {self.idle_timeout_s:.0f} s; ending")
+                break
+            if now - last_house > 1.0:
+                last_house = now
+                ses.housekeeping()
+                self._stats()
+            if self.status_s and now - last_status > self.status_s:
+                last_status = now
+                self.ctx.log(f"[{self.ctx.name}] {ses.status()}")
+            got = ses.poll(10)
+            if got:
+                last_msg = time.monotonic()
+            for header, payload, data, rx in got:
+                if stop_at is not None and not self.exit_on_eos:
+                    continue  # stopping: take nothing new (the edge resends it to the next server)
+                total += 1
+                yield Packet(header.stream_id, header.frame_index, header.capture_ns, data, False, header=header,
+                             payload=payload, received_ns=rx,
+                             timings={"edge": header.edge_us / 1000.0,
+                                      "link": max(0.0, (rx - header.sent_ns) / 1e6)})
+                if self.auto_commit:
+                    self.commit.done(header.stream_id, header.frame_index)
+            ses.flush_acks()
+            if self.exit_on_eos and ses.all_done():
+                ses.ack_eos()
+                self._stats()
                 return
-            t_poll = time.monotonic()
-            data = self.link.recv(100)
-            if data is None:
-                idle += time.monotonic() - t_poll  # time spent waiting on the socket, not on downstream queues
-                continue
-            idle = 0.0
-            last_msg = time.monotonic()
-            rx = time.time_ns()
-            try:
-                header, payload = wire.unpack(data, self.codec.fingerprint)
-            except wire.WireError as exc:
-                self._refuse(exc)
-                continue
-            s = header.stream_id
-            if header.eos:
-                self.expected[s] = header.frame_index
-                got = self.received.get(s, 0)
-                if got < header.frame_index:
-                    self.ctx.log(f"[{self.ctx.name}] stream {s} ended: {got} of {header.frame_index} frames arrived "
-                                 f"({header.frame_index - got} dropped on the way)")
-                if self._done():
-                    return
-                continue
-            prev = self.last_index.get(s)
-            if prev is not None and header.frame_index <= prev and not header.live:
-                self.ctx.log(f"[{self.ctx.name}] stream {s}: frame {header.frame_index} after {prev} (restart or "
-                             f"duplicate)")
-            self.last_index[s] = header.frame_index
-            self.received[s] = self.received.get(s, 0) + 1
-            self.expected.pop(s, None)  # a stream that ended and sends again has restarted
-            total += 1
-            self.ctx.stats.extra["bytes"] = self.ctx.stats.extra.get("bytes", 0) + len(data)
-            yield Packet(s, header.frame_index, header.capture_ns, data, header.live, header=header,
-                         payload=payload, received_ns=rx,
-                         timings={"edge": header.edge_us / 1000.0,
-                                  "link": max(0.0, (rx - header.sent_ns) / 1e6)})
+        # leaving early: acknowledge what finishes within a moment, the rest is resent to the next server
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and any(st.pending for st in ses.streams.values()):
+            ses.flush_acks()
+            time.sleep(0.02)
+        ses.flush_acks()
+        self._stats()
 
     def close(self):
-        link = getattr(self, "link", None)
-        if link is not None:
-            link.close()
-            self.link = None
+        ses = getattr(self, "session", None)
+        if ses is not None:
+            ses.flush_acks()
+            ses.close()
+            self.session = None
+
+
+@register_stage
+class RecordHeader(Stage):
+    """Packet -> FrameResult without decoding: stream, frame, timestamps, bytes, shapes (no task results).
+    For archiving or auditing what arrives, and for fast plumbing tests of the transport."""
+    key = "server.record"
+    accepts = (Packet,)
+    emits = (FrameResult,)
+
+    def process(self, p: Packet):
+        h = p.header if p.header is not None else wire.unpack(p.data)[0]
+        return FrameResult(p.stream, p.index, p.capture_ns, h.sent_ns, p.received_ns or time.time_ns(),
+                           time.time_ns(), len(p.data), tuple(h.latent_shape), tuple(h.orig_size), dict(p.timings),
+                           {}, {}, p.image)
+
+
+@register_stage
+class Delay(Stage):
+    """Pass every message through after sleeping ``ms`` milliseconds (a stand-in for a slow consumer)."""
+    key = "util.delay"
+
+    def __init__(self, ms: float = 100.0):
+        self.ms = float(ms)
+
+    def process(self, msg):
+        time.sleep(self.ms / 1000.0)
+        return msg
 
 
 @register_stage
@@ -145,6 +177,9 @@ class ServerDecode(Stage):
         except CodecError as exc:
             self.ctx.stats.errors += 1
             self.ctx.log(f"[{self.ctx.name}] stream {p.stream} frame {p.index}: cannot decode: {exc}")
+            commit = self.ctx.shared.get("commit")
+            if commit is not None:  # finished (without a result): acknowledged, not resent forever
+                commit.done(p.stream, p.index)
             return None
         key = h.orig_size
         lb = self._lb.get(key)

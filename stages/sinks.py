@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UsageError
-from pipeline.stage import FrameResult, Stage, register_stage
+from pipeline.stage import FrameResult, ResultRecord, Stage, register_stage
 
 
 def rle_encode(cmap: np.ndarray) -> dict:
@@ -72,24 +72,45 @@ def frame_to_json(fr: FrameResult, shared: dict | None = None) -> dict:
 
 @register_stage
 class JsonlSink(Stage):
-    """One JSON object per frame, one line each, flushed per line (the file is valid at every line end)."""
-    key = "sink.jsonl"
-    accepts = (FrameResult,)
+    """One JSON object per frame, one line each, flushed per line (the file is valid at every line end).
 
-    def __init__(self, path: str = "out/results.jsonl"):
+    It is the server's commit point: a frame is acknowledged to its edge once its line is written.
+    ``resume: true``: a restarted server appends and skips what the file already holds for the same edge
+    session (``PATH.state.json`` beside it); otherwise the file starts empty."""
+    key = "sink.jsonl"
+    accepts = (FrameResult, ResultRecord)
+
+    def __init__(self, path: str = "out/results.jsonl", resume: bool = False, commit: bool = True):
         self.path = Path(path)
+        self.resume, self.commit_on = bool(resume), bool(commit)
 
     def open(self, ctx) -> None:
+        from transport.session import CommitLog
         super().open(ctx)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(self.path, "w", encoding="utf-8")
+            self.log = CommitLog(self.path, resume=self.resume)
+            if self.log.resumable:
+                ctx.log(f"[{ctx.name}] resuming {self.path}: "
+                        + ", ".join(f"stream {s} done up to frame {i}" for s, i in self.log.finished.items()))
+                self.fh = open(self.path, "a", encoding="utf-8")
+            else:
+                self.fh = open(self.path, "w", encoding="utf-8")
+                if self.log.state_path.exists():
+                    self.log.state_path.unlink()
         except OSError as exc:
             raise UsageError(f"cannot write {str(self.path)!r}: {exc}") from exc
+        if self.commit_on:  # this sink's written lines are what the server acknowledges to the edges
+            ctx.shared.setdefault("commit", self.log)
 
-    def process(self, fr: FrameResult):
-        self.fh.write(json.dumps(frame_to_json(fr, self.ctx.shared), separators=(",", ":")) + "\n")
+    def process(self, fr):
+        obj = fr.record if isinstance(fr, ResultRecord) else frame_to_json(fr, self.ctx.shared)
+        line = json.dumps(obj, separators=(",", ":")) + "\n"
+        self.fh.write(line)
         self.fh.flush()
+        self.log.wrote(len(line.encode("utf-8")))
+        if self.ctx.shared.get("commit") is self.log:
+            self.log.done(int(obj["stream"]), int(obj["frame"]))
 
     def close(self):
         fh = getattr(self, "fh", None)
@@ -236,7 +257,7 @@ class VideoSink(Stage):
 class ZmqPubSink(Stage):
     """Publish each frame's JSON object on a ZeroMQ PUB socket: two frames, topic then JSON."""
     key = "sink.zmq_pub"
-    accepts = (FrameResult,)
+    accepts = (FrameResult, ResultRecord)
 
     def __init__(self, endpoint: str = "tcp://*:5556", topic: str = "ladon", bind: bool = True):
         from transport.link import check_endpoint
@@ -254,8 +275,9 @@ class ZmqPubSink(Stage):
             self.sock.close(0)
             raise UsageError(f"sink.zmq_pub cannot bind {self.endpoint!r}: {exc}") from exc
 
-    def process(self, fr: FrameResult):
-        self.sock.send_multipart([self.topic, json.dumps(frame_to_json(fr, self.ctx.shared)).encode()])
+    def process(self, fr):
+        obj = fr.record if isinstance(fr, ResultRecord) else frame_to_json(fr, self.ctx.shared)
+        self.sock.send_multipart([self.topic, json.dumps(obj).encode()])
 
     def close(self):
         s = getattr(self, "sock", None)
@@ -266,9 +288,9 @@ class ZmqPubSink(Stage):
 
 @register_stage
 class ConsoleSink(Stage):
-    """A live status line on stderr: fps, kB/frame, mean latency per stage, drops and errors."""
+    """A live status line on stderr: fps, kB/frame, mean latency per stage, drops, errors and who is connected."""
     key = "sink.console"
-    accepts = (FrameResult,)
+    accepts = (FrameResult, ResultRecord)
 
     def __init__(self, interval_s: float = 1.0):
         self.interval_s = float(interval_s)
@@ -288,14 +310,21 @@ class ConsoleSink(Stage):
         drops = sum(n.stats.dropped for n in nodes.values())
         errs = sum(n.stats.errors for n in nodes.values())
         lat = " ".join(f"{k} {v / max(self.n_win, 1):.1f}" for k, v in self.lat.items())
+        link = self.ctx.shared.get("link_status")
+        link = f"  [{link()}]" if callable(link) else ""
         return (f"frames {self.n}  {fps:5.1f} fps  {self.bytes / max(self.n, 1) / 1000:.2f} kB/frame  "
-                f"ms: {lat}  drops {drops}  errors {errs}")
+                f"ms: {lat}  drops {drops}  errors {errs}{link}")
 
-    def process(self, fr: FrameResult):
+    def process(self, fr):
         self.n += 1
         self.n_win += 1
-        self.bytes += fr.wire_bytes
-        for k, v in fr.timings.items():
+        if isinstance(fr, ResultRecord):
+            self.bytes += int(fr.record.get("bytes", 0))
+            timings = {k: v for k, v in fr.record.get("latency_ms", {}).items() if v is not None}
+        else:
+            self.bytes += fr.wire_bytes
+            timings = fr.timings
+        for k, v in timings.items():
             self.lat[k] = self.lat.get(k, 0.0) + float(v)
         if time.monotonic() - self.last >= self.interval_s:
             print(("\r" if self.tty else "") + self.line(), end="" if self.tty else "\n", file=sys.stderr, flush=True)

@@ -65,9 +65,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 SERVER_YAML = """
 name: test_server
-vars: {{bind: null, checkpoint: null, out: null, exit_on_eos: true, max_frames: null, frames_from: null}}
+vars: {{bind: null, checkpoint: null, out: null, exit_on_eos: true, max_frames: null, frames_from: null,
+        secret_key: null, allowed_keys: null, insecure: false}}
 stages:
-  - {{name: receive, key: server.receive, params: {{endpoint: "${{bind}}", checkpoint: "${{checkpoint}}", exit_on_eos: true}}}}
+  - {{name: receive, key: server.receive, params: {{endpoint: "${{bind}}", checkpoint: "${{checkpoint}}", exit_on_eos: true,
+                                                 secret_key: "${{secret_key}}", allowed_keys: "${{allowed_keys}}"}}}}
   - {{name: decode, key: server.decode, inputs: [receive], params: {{checkpoint: "${{checkpoint}}"}}}}
   - {{name: detection, key: task.detection, inputs: [decode], params: {{conf: {conf}}}}}
   - {{name: segmentation, key: task.segmentation, inputs: [decode]}}
@@ -79,16 +81,29 @@ stages:
 """
 
 
+def keys(tmp_path):
+    """Server and edge key pairs, the edge allowed: (server args, edge args)."""
+    from transport.security import make_keypair
+    d = tmp_path / "keys"
+    make_keypair(d, "server")
+    _, _ = make_keypair(d, "edge")
+    (d / "allowed").mkdir()
+    (d / "allowed" / "edge.key").write_bytes((d / "edge.key").read_bytes())
+    return (["--key", str(d / "server.key_secret"), "--allowed-keys", str(d / "allowed")],
+            ["--key", str(d / "edge.key_secret"), "--server-key", str(d / "server.key")])
+
+
 def run_split(tmp_path, endpoint_bind, endpoint_connect, video, n):
     plugin = make_plugin(tmp_path / "plugin")
+    s_keys, e_keys = keys(tmp_path) if endpoint_bind.startswith("tcp://") else ([], [])
     cfg = tmp_path / "server.yaml"
     cfg.write_text(SERVER_YAML.format(conf=0.0))  # conf 0: the random model yields boxes
     out = tmp_path / "out"
     server = subprocess.Popen(cmd("server", "--config", str(cfg), "--bind", endpoint_bind, "--checkpoint", CKPT,
-                                  "--out", str(out), "--frames-from", str(video), "--quiet"),
+                                  "--out", str(out), "--frames-from", str(video), "--quiet", *s_keys),
                               cwd=ROOT, env=env(plugin), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     edge = subprocess.Popen(cmd("edge", "--source", str(video), "--connect", endpoint_connect, "--checkpoint", CKPT,
-                                "--rate", "max", "--quiet"),
+                                "--rate", "max", "--quiet", *e_keys),
                             cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         e_out, _ = edge.communicate(timeout=120)
@@ -213,7 +228,7 @@ def test_edge_without_server_fails_clearly(tmp_path, capsys):
     from pipeline.cli import main
     video = write_video(tmp_path / "clip.mp4", 3, 64, 64)
     rc = main(["edge", "--source", str(video), "--connect", f"tcp://127.0.0.1:{free_port()}", "--checkpoint", CKPT,
-               "--link-timeout", "1", "--rate", "max", "--quiet"])
+               "--link-timeout", "1", "--rate", "max", "--quiet", "--insecure"])
     assert rc == 1
     assert "no server took a frame" in capsys.readouterr().err
 
@@ -221,31 +236,38 @@ def test_edge_without_server_fails_clearly(tmp_path, capsys):
 def test_server_refuses_foreign_and_corrupt_messages_counts_and_logs_once():
     import threading
 
+    import zmq
+
     from pipeline.codecs import get_codec
     from pipeline.stage import StageContext, StageStats, create_stage
     from transport import wire
-    from transport.link import PushLink
+    from transport.session import K_DATA, K_HELLO
     codec = get_codec(CKPT)
     ep = f"tcp://127.0.0.1:{free_port()}"
     logs = []
-    rx = create_stage("server.receive", endpoint=ep, checkpoint=CKPT, exit_on_eos=True)
+    rx = create_stage("server.receive", endpoint=ep, checkpoint=CKPT, exit_on_eos=True, insecure=True)
     stats = StageStats()
     rx.open(StageContext("receive", "t", threading.Event(), stats, {}, logs.append))
-    push = PushLink(ep, send_timeout_s=10)
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.connect(ep)
     img = np.zeros((1, 64, 64, 3), np.uint8)
     enc = codec.encode(img)[0]
 
     def msg(i, fp=codec.fingerprint):
         return wire.pack(wire.WireHeader(0, i, 1, 2, fp, enc.latent_shape, (64, 64)), enc.payload)
 
-    push.send(msg(0, fp=b"\x01" * 16))
-    push.send(msg(1, fp=b"\x02" * 16))
-    push.send(msg(2)[:-1])  # truncated
-    push.send(msg(3))
-    push.send(wire.end_of_stream(0, 4, codec.fingerprint))
+    dealer.send_multipart([K_HELLO, json.dumps({"proto": 1, "stream": 0, "session": "s", "mode": "replay",
+                                                "fingerprint": codec.fingerprint.hex()}).encode()])
+    dealer.send_multipart([K_DATA, msg(0, fp=b"\x01" * 16)])
+    dealer.send_multipart([K_DATA, msg(0, fp=b"\x02" * 16)])
+    dealer.send_multipart([K_DATA, msg(0)[:-1]])  # truncated
+    dealer.send_multipart([K_DATA, msg(0)])
+    dealer.send_multipart([K_DATA, msg(0)])  # duplicate
+    dealer.send_multipart([K_DATA, wire.end_of_stream(0, 1, codec.fingerprint)])
     got = list(rx.frames())
     rx.close()
-    push.close(0)
-    assert [p.index for p in got] == [3]
-    assert stats.extra["refused"] == {"FingerprintMismatch": 2, "LengthMismatchError": 1}
+    dealer.close(0)
+    assert [p.index for p in got] == [0]
+    assert stats.extra["refused"] == {"FingerprintMismatch": 2, "LengthMismatchError": 1, "ReplayedError": 1}
     assert sum("FingerprintMismatch" in m for m in logs) == 1  # logged once, counted always
+    assert any("FingerprintMismatch) from peer 127.0.0.1" in m for m in logs)  # with its sender

@@ -20,7 +20,8 @@ Layout (little endian, ``struct`` format :data:`HEADER_FORMAT`, :data:`HEADER_SI
 
 :func:`unpack` checks, in this order and before anything is allocated or decoded: total length, magic,
 version, header length, payload length against the bytes received, latent-shape and frame-size limits, and
-the checksum. Each failure raises its own :class:`WireError` subclass whose message names what is wrong.
+the checksum (then, when given, the receiver's fingerprint). Session-level checks (replayed or out-of-order
+frame indices, unknown peers, credit overruns) live in :mod:`transport.session`. Each failure raises its own :class:`WireError` subclass whose message names what is wrong.
 The data size a benchmark reports is ``len(message)``: header included.
 """
 from __future__ import annotations
@@ -129,9 +130,13 @@ def end_of_stream(stream_id: int, frame_count: int, fingerprint: bytes, sent_ns:
     return pack(WireHeader(stream_id, frame_count, 0, sent_ns, fingerprint, (0, 0, 0), (0, 0), flags=FLAG_EOS), b"")
 
 
-def unpack(message: bytes | bytearray | memoryview, expected_fingerprint: bytes | None = None
+def unpack(message: bytes | bytearray | memoryview, expected_fingerprint: bytes | None = None, *,
+           max_payload: int = MAX_PAYLOAD, expected_latent_shape: tuple[int, int, int] | None = None
            ) -> tuple[WireHeader, memoryview]:
-    """Check a message and split it into header and payload (a zero-copy view). Raises a WireError subclass."""
+    """Check a message and split it into header and payload (a zero-copy view). Raises a WireError subclass.
+
+    ``max_payload``: a receiver's own (tighter) payload limit; ``expected_latent_shape``: the latent shape its
+    model produces (a frame declaring any other is refused before the checksum is computed)."""
     buf = memoryview(message).cast("B") if not isinstance(message, memoryview) else message.cast("B")
     n = len(buf)
     if n < HEADER_SIZE:
@@ -149,8 +154,8 @@ def unpack(message: bytes | bytearray | memoryview, expected_fingerprint: bytes 
         raise FlagsError(f"unknown flag bits 0x{flags & ~KNOWN_FLAGS:02x} in wire flags 0x{flags:02x}")
     if header_len < HEADER_SIZE or header_len > n:
         raise HeaderLengthError(f"header_len {header_len} outside [{HEADER_SIZE}, {n}] (message is {n} bytes)")
-    if payload_len > MAX_PAYLOAD:
-        raise LengthMismatchError(f"payload_len {payload_len} exceeds the limit {MAX_PAYLOAD}")
+    if payload_len > min(MAX_PAYLOAD, max_payload):
+        raise LengthMismatchError(f"payload_len {payload_len} exceeds the limit {min(MAX_PAYLOAD, max_payload)}")
     if header_len + payload_len != n:
         raise LengthMismatchError(f"payload_len {payload_len} + header_len {header_len} != {n} bytes received "
                                   f"({'truncated' if header_len + payload_len > n else 'trailing bytes'})")
@@ -160,6 +165,8 @@ def unpack(message: bytes | bytearray | memoryview, expected_fingerprint: bytes 
                              f"sides 1..{MAX_SIDE}, at most {MAX_LATENT_ELEMENTS} elements")
         if not (1 <= ow <= MAX_SIDE and 1 <= oh <= MAX_SIDE):
             raise ShapeError(f"original frame size {ow}x{oh} outside 1..{MAX_SIDE}")
+        if expected_latent_shape is not None and (c, h, w) != tuple(expected_latent_shape):
+            raise ShapeError(f"latent shape ({c}, {h}, {w}) is not this model's {tuple(expected_latent_shape)}")
     (crc,) = _CRC.unpack_from(buf, _BODY.size)
     actual = zlib.crc32(buf[HEADER_SIZE:], zlib.crc32(buf[:_BODY.size]))  # extension bytes + payload
     if actual != crc:

@@ -1,4 +1,4 @@
-"""`run_pipeline.py edge`: the device half. Source -> letterbox -> encoder -> entropy coder -> ZeroMQ PUSH.
+"""`run_pipeline.py edge`: the device half. Source -> letterbox -> encoder -> entropy coder -> ZeroMQ DEALER.
 
 Pair it with `run_pipeline.py server --bind tcp://*:5555` on the server machine. At the end of a replay the
 edge sends an end-of-stream message; Ctrl-C / SIGTERM stops the source, sends what is in flight and exits.
@@ -21,6 +21,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-timeout", type=float, default=30.0, metavar="S",
                    help="give up when the server takes no frame for S seconds (default 30)")
     p.add_argument("--stream-id", type=int, default=0, help="stream id written into every message (default 0)")
+    p.add_argument("--key", default=None, metavar="FILE",
+                   help="this edge's CurveZMQ secret key (NAME.key_secret from `run_pipeline.py keys`)")
+    p.add_argument("--server-key", default=None, metavar="FILE", help="the server's public key (server.key)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a tcp link without encryption or authentication (a warning is printed)")
+    p.add_argument("--policy", default="drop-oldest", choices=["drop-oldest", "drop-newest"],
+                   help="live sources: which frame to drop when the link or the server falls behind")
+    p.add_argument("--live-queue", type=int, default=2, metavar="N",
+                   help="live sources: frames waiting for credit on the edge (default 2)")
     add_common(p, out=False)
 
 
@@ -36,7 +45,9 @@ def run(args) -> int:
     if not 0 <= args.stream_id < 2 ** 32:
         raise UsageError(f"--stream-id {args.stream_id}: use 0..4294967295")
     variables = {"connect": args.connect, "checkpoint": args.checkpoint, "max_frames": args.max_frames,
-                 "rate": args.rate, "stream": args.stream_id, "link_timeout": args.link_timeout}
+                 "rate": args.rate, "stream": args.stream_id, "link_timeout": args.link_timeout,
+                 "secret_key": args.key, "server_key": args.server_key, "insecure": bool(args.insecure),
+                 "policy": args.policy, "live_queue": args.live_queue}
     if args.source is not None:
         variables["source"] = args.source
     spec = load(args.config or "edge", variables)

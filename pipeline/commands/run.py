@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                      "fast as possible) or FPS (default: native)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="set a ${NAME} variable of the graph YAML (repeatable)")
+    p.add_argument("--insecure", action="store_true",
+                   help="run tcp links without CurveZMQ (by default throwaway keys are made in OUT/keys)")
     add_common(p)
 
 
@@ -88,6 +90,12 @@ def run(args) -> int:
             print(f"generating the demo video {video} ({DEMO_FRAMES} conveyor-line frames)", file=sys.stderr)
             make_demo_video(video)
         variables["source"] = str(video)
+    if args.insecure:
+        variables["insecure"] = True
+    else:  # the loopback demo is secure too: throwaway key pairs, the edge's public key allowed
+        from transport.security import demo_keys
+        variables.update(demo_keys(out / "keys"))
+        variables["insecure"] = False
     variables.update(_parse_sets(args.set))
     variables = {k: v for k, v in variables.items() if not (v is None and k in ("source",))}
     spec = load(args.config or "demo", variables)

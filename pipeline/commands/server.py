@@ -1,4 +1,4 @@
-"""`run_pipeline.py server`: the server half. ZeroMQ PULL -> wire checks -> decode + shared body once ->
+"""`run_pipeline.py server`: the server half. ZeroMQ ROUTER -> wire checks -> decode + shared body once ->
 task consumers -> JSONL, annotated video, optional ZeroMQ PUB, console line.
 
 Runs until SIGINT/SIGTERM (then drains what is queued, closes files, exit 0), or with --exit-on-eos until
@@ -24,6 +24,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames-from", default=None, metavar="PATH",
                    help="the replayed file/folder, to draw the annotated video on the original frames")
     p.add_argument("--pub", default=None, metavar="ENDPOINT", help="also publish each frame's JSON on a ZeroMQ PUB socket")
+    p.add_argument("--key", default=None, metavar="FILE",
+                   help="the server's CurveZMQ secret key (server.key_secret from `run_pipeline.py keys`)")
+    p.add_argument("--allowed-keys", default=None, metavar="DIR",
+                   help="folder of the public keys (*.key) of the edges and workers allowed to connect")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a tcp link without encryption or authentication (a warning is printed)")
+    p.add_argument("--window", type=int, default=8, metavar="N", help="frames in flight per edge stream (default 8)")
+    p.add_argument("--workers", default=None, metavar="ENDPOINT",
+                   help="topology (b): bind ENDPOINT for worker processes (`run --config worker`) and hand each "
+                        "frame to one of them instead of decoding here")
     add_common(p)
 
 
@@ -34,9 +44,13 @@ def run(args) -> int:
     check_endpoint(args.bind, "--bind")
     variables = {"bind": args.bind, "checkpoint": args.checkpoint, "out": args.out,
                  "exit_on_eos": bool(args.exit_on_eos), "max_frames": args.max_frames,
-                 "frames_from": args.frames_from}
-    spec = load(args.config or "server", variables)
-    select_tasks(spec, [t.strip() for t in args.tasks.split(",") if t.strip()])
+                 "frames_from": args.frames_from, "secret_key": args.key, "allowed_keys": args.allowed_keys,
+                 "insecure": bool(args.insecure), "window": args.window, "workers": args.workers}
+    if args.workers:
+        check_endpoint(args.workers, "--workers")
+    spec = load(args.config or ("server_workers" if args.workers else "server"), variables)
+    if not args.workers:
+        select_tasks(spec, [t.strip() for t in args.tasks.split(",") if t.strip()])
     if args.pub:
         check_endpoint(args.pub, "--pub")
         merges = [s.name for s in spec.stages if s.key == "results.merge"]

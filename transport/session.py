@@ -1,0 +1,710 @@
+"""Reliable links between edges and the server: DEALER (edge) <-> ROUTER (server), credits, acks, heartbeats.
+
+Every ZeroMQ message is multipart: a one-byte kind, then its body.
+
+edge -> server
+    ``H`` json  hello / heartbeat (every ``heartbeat_s``): ``{"proto", "stream", "session", "mode", "fingerprint"}``
+    ``D`` wire  one :mod:`transport.wire` message (a frame, or the end-of-stream message)
+server -> edge
+    ``W`` json  welcome (answer to every hello): ``{"instance", "stream", "next", "window"}``
+    ``A`` <IqQ  ack: stream, frame index finished (-1: none), contiguous high-water mark + 1 ("next")
+    ``N`` <IQ   the server expects ``next`` (a frame was lost on the way): resend from there
+    ``E`` text  the server refuses this edge (wrong model, ...): the edge stops with that message
+
+**Credits.** The server's welcome grants ``window`` frames in flight per stream; the edge sends only while
+fewer than ``window`` of its frames are unacknowledged, so the server never holds more than ``window`` frames
+of one stream (fair queuing across edges comes from ROUTER plus the per-stream window).
+
+**Replay** (lossless, exactly once, in order): the server accepts frame ``next`` only, acknowledges a frame
+once its results are written (:class:`CommitLog`), and a restarted server knows from the JSONL what it already
+finished (``next``). The edge keeps every unacknowledged frame; when it meets a new server instance (a
+restart: the welcome's ``instance`` changed) it drops what the server says is done and resends the rest.
+
+**Live** (bounded latency): the edge keeps a short queue of the newest frames (``drop-oldest`` or
+``drop-newest``), counts what it drops, and never resends; the server accepts increasing indices only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from transport import wire
+
+PROTO = 1
+K_HELLO, K_DATA, K_WELCOME, K_ACK, K_NACK, K_ERROR = b"H", b"D", b"W", b"A", b"N", b"E"
+_ACK = struct.Struct("<IqQ")
+_NACK = struct.Struct("<IQ")
+POLICIES = ("drop-oldest", "drop-newest")
+MODES = ("replay", "live")
+
+
+class LinkTimeout(RuntimeError):
+    """No server answered (or took a frame) within the link timeout."""
+
+
+class Refused(RuntimeError):
+    """The server refused this edge (its ``E`` message)."""
+
+
+def _tune(sock: zmq.Socket) -> None:
+    # reconnection with exponential back-off (100 ms doubling up to 2 s) and ZMTP heartbeats
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, 3000)
+
+
+# ============================================================================================ edge side
+class EdgeClient:
+    """The edge's end of the link, with its own I/O thread owning the DEALER socket.
+
+    ``submit(index, data)``: replay blocks while ``backlog`` frames are unacknowledged (never drops); live never
+    blocks and keeps the newest frames. ``finish(count)`` sends the end-of-stream message and, in replay, waits
+    until the server has acknowledged everything."""
+
+    def __init__(self, endpoint: str, stream: int, fingerprint: bytes, mode: str = "replay", security=None,
+                 backlog: int = 32, live_queue: int = 2, policy: str = "drop-oldest", timeout_s: float = 30.0,
+                 heartbeat_s: float = 0.5, log: Callable[[str], None] = print, context: zmq.Context | None = None,
+                 session: str | None = None, name: str = "edge"):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: use one of {MODES}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy {policy!r}: use one of {POLICIES}")
+        self.endpoint, self.stream, self.fingerprint, self.mode = endpoint, int(stream), fingerprint, mode
+        self.security, self.backlog, self.policy = security, max(1, int(backlog)), policy
+        self.live_queue = max(1, int(live_queue))
+        self.timeout_s, self.heartbeat_s, self.log, self.name = float(timeout_s), float(heartbeat_s), log, name
+        self.session = session or os.urandom(8).hex()
+        self._ctx = context or zmq.Context.instance()
+        self.cond = threading.Condition()
+        self.unacked: OrderedDict[int, bytes] = OrderedDict()  # replay: index -> message (eos at index=count)
+        self.cursor = 0  # replay: the next index to send
+        self.live_q: deque[tuple[int, bytes]] = deque()
+        self.live_inflight: dict[int, float] = {}
+        self.instance: str | None = None
+        self.window = 0
+        self.next_index = 0
+        self.last_heard = 0.0
+        self.last_progress = time.monotonic()
+        self.last_rewind = 0.0
+        self.resend_s = 5.0
+        self.error: str | None = None
+        self.closing = False
+        self.eos_count: int | None = None
+        self.eos_sent = False
+        self.stats = {"sent": 0, "resent": 0, "acked": 0, "dropped": 0, "bytes": 0, "restarts_seen": 0}
+        self._sent_once: set[int] = set()
+        self.connected = False
+        self.thread = threading.Thread(target=self._io, name=f"{name}-link", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------ API (graph thread)
+    def submit(self, index: int, data: bytes) -> bool:
+        """Queue one frame. Replay: waits (bounded by ``backlog``) and raises LinkTimeout when the server makes
+        no progress for ``timeout_s``. Live: returns False when a frame was dropped to make room."""
+        with self.cond:
+            self._raise_if_failed()
+            if self.mode == "live":
+                dropped = False
+                if len(self.live_q) >= self.live_queue:
+                    dropped = True
+                    self.stats["dropped"] += 1
+                    if self.policy == "drop-newest":
+                        return False
+                    self.live_q.popleft()
+                self.live_q.append((index, data))
+                return not dropped
+            while len(self.unacked) >= self.backlog:
+                self._wait_progress()
+            self.unacked[index] = data
+            self.cond.notify_all()
+            return True
+
+    def finish(self, count: int, timeout_s: float | None = None) -> bool:
+        """Send end-of-stream after ``count`` frames; replay: wait until all is acknowledged. True when done."""
+        msg = wire.end_of_stream(self.stream, count, self.fingerprint, time.time_ns())
+        wait = self.timeout_s if timeout_s is None else timeout_s
+        with self.cond:
+            self.eos_count = count
+            if self.mode == "replay":
+                self.unacked[count] = msg
+            else:
+                self.live_q.append((count, msg))
+            self.cond.notify_all()
+            deadline = time.monotonic() + wait
+            while self.error is None:
+                if self.mode == "replay" and not self.unacked:
+                    return True
+                if self.mode == "live" and self.eos_sent:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(min(left, 0.1))
+        return False
+
+    def close(self) -> None:
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        self.thread.join(5)
+
+    def status(self) -> str:
+        st = "connected" if self.connected else "waiting for server"
+        return (f"{self.name} stream {self.stream} ({self.mode}) -> {self.endpoint}: {st}, instance "
+                f"{self.instance or '-'}, unacked {len(self.unacked)}, sent {self.stats['sent']}, "
+                f"acked {self.stats['acked']}, dropped {self.stats['dropped']}")
+
+    def _raise_if_failed(self):
+        if self.error is not None:
+            raise Refused(self.error)
+
+    def _wait_progress(self) -> None:
+        self.cond.wait(0.1)
+        self._raise_if_failed()
+        if time.monotonic() - self.last_progress > self.timeout_s:
+            hint = (" (with keys: is this edge's public key in the server's --allowed-keys folder, and is "
+                    "--server-key the server's public key?)" if self.security is not None and self.security.on
+                    else "")
+            raise LinkTimeout(f"no server took a frame at {self.endpoint} within {self.timeout_s:.0f} s; is "
+                              f"`run_pipeline.py server --bind ...` running and reachable?{hint}")
+
+    # ------------------------------------------------------------------ I/O thread
+    def _hello(self) -> list[bytes]:
+        return [K_HELLO, json.dumps({"proto": PROTO, "stream": self.stream, "session": self.session,
+                                     "mode": self.mode, "fingerprint": self.fingerprint.hex()}).encode()]
+
+    def _io(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        _tune(sock)
+        if self.security is not None:
+            self.security.apply(sock)
+        sock.connect(self.endpoint)
+        last_hello = 0.0
+        try:
+            while True:
+                with self.cond:
+                    if self.closing:
+                        break
+                now = time.monotonic()
+                if now - last_hello >= self.heartbeat_s:
+                    last_hello = now
+                    try:
+                        sock.send_multipart(self._hello(), zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
+                    if self.connected and now - self.last_heard > max(3.0, 6 * self.heartbeat_s):
+                        self.connected = False
+                        self.log(f"[{self.name}] server {self.endpoint} silent for "
+                                 f"{now - self.last_heard:.1f} s; reconnecting (back-off up to 2 s)")
+                if sock.poll(10, zmq.POLLIN):
+                    while True:
+                        try:
+                            parts = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_message(parts)
+                self._maybe_rewind()
+                self._send_ready(sock)
+        finally:
+            sock.close(0)
+
+    def _on_message(self, parts: list[bytes]) -> None:
+        if not parts:
+            return
+        kind = parts[0]
+        with self.cond:
+            self.last_heard = time.monotonic()
+            if not self.connected:
+                self.connected = True
+            if kind == K_WELCOME and len(parts) == 2:
+                try:
+                    w = json.loads(parts[1])
+                    inst, nxt, window = str(w["instance"]), int(w["next"]), int(w["window"])
+                except (ValueError, KeyError, TypeError):
+                    return
+                self.window = max(1, window)
+                if inst != self.instance:
+                    restarted = self.instance is not None
+                    self.instance = inst
+                    self.last_progress = time.monotonic()
+                    if self.mode == "replay":
+                        for i in [i for i in self.unacked if i < nxt]:
+                            del self.unacked[i]
+                            self.stats["acked"] += 1
+                        self.cursor = next(iter(self.unacked)) if self.unacked else nxt
+                    self.live_inflight.clear()
+                    if restarted:
+                        self.stats["restarts_seen"] += 1
+                        self.log(f"[{self.name}] new server instance {inst} (restart): it has frames < {nxt}; "
+                                 f"resending {len(self.unacked)} unacknowledged")
+                    else:
+                        self.log(f"[{self.name}] connected to server {self.endpoint} (instance {inst}, "
+                                 f"stream {self.stream}, {self.mode}, window {self.window}, next frame {nxt})")
+                    self.cond.notify_all()
+            elif kind == K_ACK and len(parts) == 2 and len(parts[1]) == _ACK.size:
+                stream, idx, nxt = _ACK.unpack(parts[1])
+                if stream != self.stream:
+                    return
+                self.last_progress = time.monotonic()
+                if self.mode == "replay":
+                    gone = [i for i in self.unacked if i < nxt or i == idx]
+                    for i in gone:
+                        del self.unacked[i]
+                    self.stats["acked"] += len(gone)
+                else:
+                    if self.live_inflight.pop(idx, None) is not None:
+                        self.stats["acked"] += 1
+                self.cond.notify_all()
+            elif kind == K_NACK and len(parts) == 2 and len(parts[1]) == _NACK.size:
+                stream, nxt = _NACK.unpack(parts[1])
+                if stream == self.stream and self.mode == "replay" and nxt < self.cursor:
+                    self.cursor = nxt
+            elif kind == K_ERROR:
+                self.error = f"server {self.endpoint} refused this edge: " + parts[-1].decode("utf-8", "replace")
+                self.log(f"[{self.name}] {self.error}")
+                self.cond.notify_all()
+
+    def _maybe_rewind(self) -> None:
+        """Replay: no ack for ``resend_s`` while the server is alive -> resend from the oldest unacked frame
+        (a frame or an ack lost on a reconnect); the server drops what it already has."""
+        with self.cond:
+            if self.mode != "replay" or not self.unacked or self.instance is None:
+                return
+            now = time.monotonic()
+            first = next(iter(self.unacked))
+            if first < self.cursor and now - self.last_progress > self.resend_s and now - self.last_heard < 2.0 \
+                    and now - self.last_rewind > self.resend_s:
+                self.last_rewind = now
+                self.cursor = first
+
+    def _send_ready(self, sock: zmq.Socket) -> None:
+        while True:
+            with self.cond:
+                if self.instance is None or self.error is not None:
+                    return
+                if self.mode == "replay":
+                    inflight = sum(1 for i in self.unacked if i < self.cursor)
+                    if inflight >= self.window:
+                        return
+                    nxt = next((i for i in self.unacked if i >= self.cursor), None)
+                    if nxt is None:
+                        return
+                    data = self.unacked[nxt]
+                    is_eos = nxt == self.eos_count
+                else:
+                    now = time.monotonic()
+                    for i, t in list(self.live_inflight.items()):  # a lost ack must not eat credit forever
+                        if now - t > 10.0:
+                            del self.live_inflight[i]
+                    if not self.live_q or len(self.live_inflight) >= self.window:
+                        return
+                    nxt, data = self.live_q[0]
+                    is_eos = nxt == self.eos_count and len(data) == wire.HEADER_SIZE
+            try:
+                sock.send_multipart([K_DATA, data], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            with self.cond:
+                if self.mode == "replay":
+                    self.cursor = nxt + 1
+                    if nxt in self._sent_once:
+                        self.stats["resent"] += 1
+                    else:
+                        self._sent_once.add(nxt)
+                        if len(self._sent_once) > 4 * self.backlog:
+                            self._sent_once = {i for i in self._sent_once if i >= nxt - 2 * self.backlog}
+                else:
+                    if self.live_q and self.live_q[0][0] == nxt:
+                        self.live_q.popleft()
+                    if is_eos:
+                        self.eos_sent = True
+                    else:
+                        self.live_inflight[nxt] = time.monotonic()
+                if not is_eos:
+                    self.stats["sent"] += 1
+                    self.stats["bytes"] += len(data)
+                self.cond.notify_all()
+
+
+# ============================================================================================ commit log
+class CommitLog:
+    """What the server has finished (results written), shared by the stages of one server process.
+
+    The JSONL sink owns it (``path`` = the JSONL file) and calls :meth:`done` after each line is written and
+    flushed; stages that finish a frame without a line (a frame that cannot be decoded) call :meth:`done` too.
+    The receive stage drains :attr:`queue` to send acknowledgements. Across restarts, ``PATH.state.json``
+    records which edge session owns each stream and where its rows start in the JSONL; on open, the JSONL is
+    read back from there to learn the last finished frame of each stream (a torn last line is cut off)."""
+
+    def __init__(self, path: str | Path | None = None, resume: bool = False):
+        import queue
+        self.path = Path(path) if path is not None else None
+        self.state_path = self.path.with_name(self.path.name + ".state.json") if self.path else None
+        self.queue: "queue.SimpleQueue[tuple[int, int]]" = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.sessions: dict[int, dict[str, Any]] = {}
+        self.finished: dict[int, int] = {}  # stream -> last finished frame index of its current session
+        self.offset = 0
+        if self.path is not None and resume and self.state_path.is_file() and self.path.is_file():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            st = json.loads(self.state_path.read_text())
+            self.sessions = {int(k): v for k, v in st.get("streams", {}).items()}
+        except (ValueError, OSError, AttributeError):
+            self.sessions = {}
+            return
+        data = self.path.read_bytes()
+        cut = data.rfind(b"\n") + 1
+        if cut != len(data):  # a line torn by a crash: drop it, the frame is processed again
+            with open(self.path, "r+b") as fh:
+                fh.truncate(cut)
+            data = data[:cut]
+        self.offset = len(data)
+        for s, info in self.sessions.items():
+            start = int(info.get("offset", 0))
+            last = -1
+            for line in data[start:].splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if row.get("stream") == s:
+                    last = max(last, int(row.get("frame", -1)))
+            self.finished[s] = last
+
+    @property
+    def resumable(self) -> bool:
+        return bool(self.sessions)
+
+    def next_for(self, stream: int, session: str) -> int:
+        """The first frame index a (re)connecting edge session still has to deliver; records a new session."""
+        with self.lock:
+            info = self.sessions.get(stream)
+            if info is not None and info.get("session") == session:
+                return self.finished.get(stream, -1) + 1
+            self.sessions[stream] = {"session": session, "offset": self.offset}
+            self.finished[stream] = -1
+            self._save()
+            return 0
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.write_text(json.dumps({"streams": {str(k): v for k, v in self.sessions.items()}}))
+        tmp.replace(self.state_path)
+
+    def wrote(self, nbytes: int) -> None:
+        with self.lock:
+            self.offset += nbytes
+
+    def done(self, stream: int, index: int) -> None:
+        with self.lock:
+            if index > self.finished.get(stream, -1):
+                self.finished[stream] = index
+        self.queue.put((stream, index))
+
+
+# ============================================================================================ server side
+@dataclass
+class StreamState:
+    stream: int
+    mode: str
+    session: str
+    peer: bytes
+    sender: str
+    next: int = 0  # replay: the only index accepted next
+    last: int = -1  # live: last accepted index
+    pending: set = field(default_factory=set)
+    finished_next: int = 0  # replay: contiguous finished + 1
+    finished_above: set = field(default_factory=set)
+    eos: int | None = None
+    last_seen: float = 0.0
+    last_nack: float = 0.0
+    received: int = 0
+    connected: bool = True
+
+
+class RefuseError(wire.WireError):
+    """Base of the session-level refusals (below)."""
+
+
+class ReplayedError(RefuseError):
+    """A frame index seen before (duplicate, or older than what the server already finished)."""
+
+
+class OutOfOrderError(RefuseError):
+    """A replay frame beyond the next expected index (an earlier one was lost on the way)."""
+
+
+class UnknownPeerError(RefuseError):
+    """Data from a peer that never said hello, or for a stream it does not own."""
+
+
+class CreditError(RefuseError):
+    """More frames in flight than the granted window."""
+
+
+class ControlError(RefuseError):
+    """A ZeroMQ message that is not one of the protocol's kinds, or a bad hello."""
+
+
+class ServerSession:
+    """The server's end: ROUTER socket, peers and streams, checks, dedup, credits, acks. Single-threaded: the
+    receive stage calls :meth:`poll` and :meth:`flush_acks` from its own thread."""
+
+    def __init__(self, endpoint: str, fingerprint: bytes, latent_shape: tuple[int, int, int] | None,
+                 commit: CommitLog, security=None, window: int = 8, max_payload: int = 4 * 1024 * 1024,
+                 max_streams: int = 256, log: Callable[[str], None] = print, bind: bool = True,
+                 context: zmq.Context | None = None, name: str = "server"):
+        self.fingerprint, self.latent_shape = fingerprint, tuple(latent_shape) if latent_shape else None
+        self.commit, self.window, self.max_payload = commit, int(window), int(max_payload)
+        self.max_streams, self.log, self.name = int(max_streams), log, name
+        self.instance = os.urandom(6).hex()
+        self._ctx = context or zmq.Context.instance()
+        self.sock = self._ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.setsockopt(zmq.RCVHWM, 10000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, wire.HEADER_SIZE + self.max_payload + 64)
+        _tune(self.sock)
+        if security is not None:
+            security.apply(self.sock)
+        from pipeline.errors import UsageError
+        try:
+            (self.sock.bind if bind else self.sock.connect)(endpoint)
+        except zmq.ZMQError as exc:
+            self.sock.close(0)
+            raise UsageError(f"cannot {'bind' if bind else 'connect'} {endpoint!r}: {exc} "
+                             f"(port in use or address not on this machine?)") from exc
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
+        self.streams: dict[int, StreamState] = {}
+        self.refused: dict[str, int] = {}
+        self.refused_senders: dict[str, str] = {}
+        self.accepted = 0
+        self.bytes = 0
+        self.last_status = 0.0
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _sender(frames) -> str:
+        rid = frames[0].bytes if hasattr(frames[0], "bytes") else frames[0]
+        addr = user = None
+        try:
+            addr = frames[-1].get("Peer-Address")
+        except (zmq.ZMQError, AttributeError, TypeError):
+            pass
+        try:
+            user = frames[-1].get("User-Id")
+        except (zmq.ZMQError, AttributeError, TypeError):
+            pass
+        s = f"peer {addr or 'local'} id {rid.hex()}"
+        if user and user != "anonymous":
+            s += f" key {user[:12]}..."
+        return s
+
+    def refuse(self, exc: Exception, sender: str) -> None:
+        kind = type(exc).__name__
+        n = self.refused.get(kind, 0)
+        self.refused[kind] = n + 1
+        if n == 0:
+            self.refused_senders[kind] = sender
+            self.log(f"[{self.name}] refused a message ({kind}) from {sender}: {exc} (further {kind} are counted, "
+                     f"not logged)")
+
+    def _send(self, rid: bytes, *parts: bytes) -> None:
+        try:
+            self.sock.send_multipart([rid, *parts], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # that peer is gone or its queue is full: it asks again with its next hello
+
+    # ------------------------------------------------------------------ receive
+    def poll(self, timeout_ms: int = 10, max_messages: int = 256) -> list[tuple[wire.WireHeader, Any, bytes, int]]:
+        """Handle what arrived; return accepted frames as (header, payload view, message, received_ns)."""
+        out = []
+        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+            return out
+        for _ in range(max_messages):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            got = self._handle(frames)
+            if got is not None:
+                out.append(got)
+        return out
+
+    def _handle(self, frames):
+        rid = frames[0].bytes
+        if len(frames) != 3 or frames[1].bytes not in (K_HELLO, K_DATA):
+            self.refuse(ControlError(f"a {len(frames) - 1}-part message that is not a hello or data message"),
+                        self._sender(frames))
+            return None
+        kind = frames[1].bytes
+        if kind == K_HELLO:
+            self._hello(rid, frames)
+            return None
+        data = frames[2].bytes
+        rx = time.time_ns()
+        try:
+            header, payload = wire.unpack(data, self.fingerprint, max_payload=self.max_payload,
+                                          expected_latent_shape=self.latent_shape)
+            st = self.streams.get(header.stream_id)
+            if st is None or st.peer != rid:
+                raise UnknownPeerError(f"data for stream {header.stream_id} from a peer that did not open it with "
+                                       f"a hello")
+            self._admit(st, header)
+        except wire.WireError as exc:
+            self.refuse(exc, self._sender(frames))
+            return None
+        st.last_seen = time.monotonic()
+        if header.eos:
+            return None
+        self.accepted += 1
+        self.bytes += len(data)
+        st.received += 1
+        return header, payload, data, rx
+
+    def _admit(self, st: StreamState, h: wire.WireHeader) -> None:
+        i = h.frame_index
+        if st.mode == "replay":
+            if i < st.next:
+                if i < st.finished_next:  # already finished: say so again so the edge forgets it
+                    self._send(st.peer, K_ACK, _ACK.pack(st.stream, i, st.finished_next))
+                raise ReplayedError(f"stream {st.stream} frame {i} again (server expects {st.next})")
+            if i > st.next:
+                now = time.monotonic()
+                if now - st.last_nack > 0.3:
+                    st.last_nack = now
+                    self._send(st.peer, K_NACK, _NACK.pack(st.stream, st.next))
+                raise OutOfOrderError(f"stream {st.stream} frame {i} while frame {st.next} is due")
+            if h.eos:
+                st.eos = i
+                st.next = i + 1
+                return
+            if len(st.pending) >= 2 * self.window:
+                raise CreditError(f"stream {st.stream}: {len(st.pending)} frames in flight, window {self.window}")
+            st.next = i + 1
+        else:
+            if h.eos:
+                st.eos = i
+                return
+            if i <= st.last:
+                raise ReplayedError(f"stream {st.stream} frame {i} not after {st.last}")
+            if len(st.pending) >= 2 * self.window:
+                raise CreditError(f"stream {st.stream}: {len(st.pending)} frames in flight, window {self.window}")
+            st.last = i
+        st.pending.add(i)
+
+    def _hello(self, rid: bytes, frames) -> None:
+        sender = self._sender(frames)
+        try:
+            h = json.loads(frames[2].bytes)
+            stream, session, mode, fp = int(h["stream"]), str(h["session"])[:64], str(h["mode"]), str(h["fingerprint"])
+            if h.get("proto") != PROTO:
+                raise ControlError(f"protocol {h.get('proto')!r}, this server speaks {PROTO}")
+            if mode not in MODES or not 0 <= stream < 2 ** 32:
+                raise ControlError(f"bad hello: stream {stream}, mode {mode!r}")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            self.refuse(ControlError(f"bad hello: {exc}"), sender)
+            return
+        except ControlError as exc:
+            self.refuse(exc, sender)
+            return
+        if fp != self.fingerprint.hex():
+            exc = wire.FingerprintMismatch(f"model fingerprint {fp[:32]} does not match this server's "
+                                           f"{self.fingerprint.hex()}: edge and server must load the same checkpoint")
+            self.refuse(exc, sender)
+            self._send(rid, K_ERROR, str(exc).encode())
+            return
+        st = self.streams.get(stream)
+        now = time.monotonic()
+        if st is None or st.session != session:
+            if st is None and len(self.streams) >= self.max_streams:
+                self.refuse(ControlError(f"too many streams (max {self.max_streams})"), sender)
+                return
+            nxt = self.commit.next_for(stream, session)
+            st = StreamState(stream, mode, session, rid, sender, next=nxt, last=nxt - 1, finished_next=nxt)
+            self.streams[stream] = st
+            self.log(f"[{self.name}] stream {stream} ({mode}) opened by {sender}, session {session}"
+                     + (f", resuming at frame {nxt}" if nxt else ""))
+        elif st.peer != rid:  # same session, new connection (the edge reconnected)
+            st.peer, st.sender = rid, sender
+            self.log(f"[{self.name}] stream {stream} reconnected from {sender}")
+        if not st.connected:
+            st.connected = True
+            self.log(f"[{self.name}] stream {stream} back ({sender})")
+        st.last_seen = now
+        self._send(rid, K_WELCOME, json.dumps({"instance": self.instance, "stream": stream,
+                                               "next": st.finished_next if st.mode == "replay" else 0,
+                                               "window": self.window}).encode())
+
+    # ------------------------------------------------------------------ finish
+    def flush_acks(self) -> int:
+        n = 0
+        q = self.commit.queue
+        while True:
+            try:
+                stream, idx = q.get_nowait()
+            except Exception:  # noqa: BLE001 - queue.Empty
+                break
+            n += 1
+            st = self.streams.get(stream)
+            if st is None:
+                continue
+            st.pending.discard(idx)
+            if st.mode == "replay":
+                if idx >= st.finished_next:
+                    st.finished_above.add(idx)
+                while st.finished_next in st.finished_above:
+                    st.finished_above.discard(st.finished_next)
+                    st.finished_next += 1
+            self._send(st.peer, K_ACK, _ACK.pack(stream, idx, st.finished_next if st.mode == "replay" else 0))
+        return n
+
+    def all_done(self) -> bool:
+        """Every stream has sent end-of-stream and everything it sent is finished (its eos then acknowledged)."""
+        if not self.streams:
+            return False
+        for st in self.streams.values():
+            if st.eos is None or st.pending:
+                return False
+            if st.mode == "replay" and st.finished_next < st.eos:
+                return False
+        return True
+
+    def ack_eos(self) -> None:
+        for st in self.streams.values():
+            if st.eos is not None:
+                self._send(st.peer, K_ACK, _ACK.pack(st.stream, st.eos, st.eos + 1))
+
+    def housekeeping(self) -> None:
+        now = time.monotonic()
+        for st in self.streams.values():
+            if st.connected and now - st.last_seen > 3.0 and st.eos is None:
+                st.connected = False
+                self.log(f"[{self.name}] stream {st.stream} ({st.sender}) silent for {now - st.last_seen:.1f} s")
+
+    def status(self) -> str:
+        if not self.streams:
+            return "no edge connected"
+        return "; ".join(f"stream {s.stream} {s.mode} {'up' if s.connected else 'silent'} {s.sender} "
+                         f"rx {s.received} pending {len(s.pending)}" for s in self.streams.values())
+
+    def close(self) -> None:
+        self.sock.close(500)
