@@ -5,7 +5,11 @@ Import this module (or call :func:`ensure_offline`) before importing ``ultralyti
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
+
+# CompressAI scripts a helper with torch.jit at import; torch 2.14 warns about it on every start. Not ours to fix.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 _DONE = False
 
