@@ -141,14 +141,20 @@ class RecordHeader(Stage):
 
 @register_stage
 class Delay(Stage):
-    """Pass every message through after sleeping ``ms`` milliseconds (a stand-in for a slow consumer)."""
+    """Pass every message through after sleeping ``ms`` milliseconds (a stand-in for a slow consumer);
+    ``after: N, then_ms: X`` changes the delay after N messages (an overload that ends)."""
     key = "util.delay"
 
-    def __init__(self, ms: float = 100.0):
-        self.ms = float(ms)
+    def __init__(self, ms: float = 100.0, after: int | None = None, then_ms: float | None = None):
+        self.ms, self.after = float(ms), after
+        self.then_ms = float(then_ms) if then_ms is not None else self.ms
+        self.n = 0
 
     def process(self, msg):
-        time.sleep(self.ms / 1000.0)
+        self.n += 1
+        ms = self.then_ms if self.after is not None and self.n > int(self.after) else self.ms
+        if ms > 0:
+            time.sleep(ms / 1000.0)
         return msg
 
 

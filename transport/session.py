@@ -435,6 +435,7 @@ class StreamState:
     finished_next: int = 0  # replay: contiguous finished + 1
     finished_above: set = field(default_factory=set)
     eos: int | None = None
+    eos_acked: bool = False
     last_seen: float = 0.0
     last_nack: float = 0.0
     received: int = 0
@@ -675,6 +676,14 @@ class ServerSession:
                     st.finished_above.discard(st.finished_next)
                     st.finished_next += 1
             self._send(st.peer, K_ACK, _ACK.pack(stream, idx, st.finished_next if st.mode == "replay" else 0))
+        for st in self.streams.values():  # a stream whose frames are all finished: acknowledge its end
+            if st.eos is not None and not st.eos_acked and not st.pending and \
+                    (st.mode == "live" or st.finished_next >= st.eos):
+                st.eos_acked = True
+                st.finished_next = max(st.finished_next, st.eos + 1)
+                self._send(st.peer, K_ACK, _ACK.pack(st.stream, st.eos, st.eos + 1))
+                self.log(f"[{self.name}] stream {st.stream} ended after {st.eos} frames "
+                         f"({st.received} received by this server instance)")
         return n
 
     def all_done(self) -> bool:
@@ -684,7 +693,7 @@ class ServerSession:
         for st in self.streams.values():
             if st.eos is None or st.pending:
                 return False
-            if st.mode == "replay" and st.finished_next < st.eos:
+            if not st.eos_acked:
                 return False
         return True
 
