@@ -481,7 +481,7 @@ class ServerSession:
         self._ctx = context or zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 500)
-        self.sock.setsockopt(zmq.RCVHWM, 10000)
+        self.sock.setsockopt(zmq.RCVHWM, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, wire.HEADER_SIZE + self.max_payload + 64)
         _tune(self.sock)
         if security is not None:
