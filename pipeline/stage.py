@@ -218,7 +218,7 @@ def _load_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    for mod in ("stages.sources", "stages.edge", "stages.server", "stages.consumers", "stages.sinks"):
+    for mod in ("stages.sources", "stages.edge", "stages.server", "stages.consumers", "stages.sinks", "stages.workers"):
         importlib.import_module(mod)
 
 
