@@ -1,6 +1,7 @@
 """Topology (b): worker processes behind the server's dispatcher. Throughput scales with workers; a worker
 killed mid-frame loses nothing in replay. Consumer-bound graph: each worker spends 150 ms per frame."""
 import signal
+import struct
 import time
 
 import pytest
@@ -100,3 +101,57 @@ def test_workers_scale_and_a_killed_worker_loses_nothing(tmp_path):
           + next(line for line in log.splitlines() if "gone" in line).split("] ", 1)[1])
     assert two > 1.6 * one
     assert "handed to other workers" in log
+
+
+def test_dispatch_counts_live_frames_of_a_dead_worker_and_hands_replay_frames_over():
+    """In-process: a fake worker takes two frames (one live, one replay) and goes silent."""
+    import json
+    import threading
+
+    import zmq
+
+    from pipeline.stage import Packet, StageContext, StageStats, create_stage
+    from transport import wire
+    from transport.session import CommitLog
+
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    d = create_stage("server.dispatch", endpoint=ep, insecure=True, worker_timeout_s=0.5, drain_s=5)
+    emitted, commit = [], CommitLog()
+    stats = StageStats()
+    d.open(StageContext("dispatch", "t", threading.Event(), stats, {"commit": commit}, lambda m: None,
+                        emit=emitted.append))
+    fp = bytes(16)
+
+    def packet(stream, i, live):
+        data = wire.pack(wire.WireHeader(stream, i, 1, 2, fp, (1, 1, 1), (4, 4),
+                                         flags=wire.FLAG_LIVE if live else 0), b"p")
+        return Packet(stream, i, 1, data, False, header=wire.unpack(data)[0])
+
+    ctx = zmq.Context.instance()
+    dead = ctx.socket(zmq.DEALER)
+    dead.connect(ep)
+    dead.send_multipart([b"R", json.dumps({"capacity": 2}).encode()])
+    d.process(packet(1, 0, live=True))
+    d.process(packet(2, 0, live=False))
+    got = [dead.recv_multipart() for _ in range(2) if dead.poll(3000)]
+    assert len(got) == 2  # the doomed worker holds both frames, then says nothing more
+    good = ctx.socket(zmq.DEALER)
+    good.connect(ep)
+    deadline = time.monotonic() + 10
+    served = []
+    while time.monotonic() < deadline and not served:
+        good.send_multipart([b"R", json.dumps({"capacity": 2}).encode()])
+        if good.poll(200):
+            parts = good.recv_multipart()
+            h = wire.unpack(parts[1])[0]
+            served.append((h.stream_id, h.frame_index))
+            good.send_multipart([b"O", struct.pack("<IQ", h.stream_id, h.frame_index),
+                                 json.dumps({"stream": h.stream_id, "frame": h.frame_index}).encode()])
+    assert served == [(2, 0)]  # the replay frame went to the other worker; the live one did not
+    wait_for(lambda: len(emitted) == 1, 5, "the handed-over result")
+    d.close()
+    dead.close(0)
+    good.close(0)
+    assert emitted[0].record == {"stream": 2, "frame": 0}
+    assert stats.extra["lost_live"] == 1 and stats.extra["handed_over"] == 1 and stats.dropped == 1
+    assert commit.queue.get_nowait() == (1, 0)  # the lost live frame is acknowledged: the edge's credit returns

@@ -83,3 +83,12 @@ def test_all_errors_are_wire_errors():
     for cls in (wire.TruncatedError, wire.BadMagicError, wire.VersionError, wire.HeaderLengthError,
                 wire.LengthMismatchError, wire.ShapeError, wire.ChecksumError, wire.FingerprintMismatch):
         assert issubclass(cls, wire.WireError)
+
+
+def test_receiver_limits_latent_shape_and_payload():
+    m = _msg(b"x" * 100)
+    wire.unpack(m, FP, expected_latent_shape=(24, 16, 16), max_payload=100)
+    with pytest.raises(wire.ShapeError, match="not this model's"):
+        wire.unpack(m, FP, expected_latent_shape=(24, 8, 8))
+    with pytest.raises(wire.LengthMismatchError, match="limit 99"):
+        wire.unpack(m, FP, max_payload=99)

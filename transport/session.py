@@ -353,6 +353,7 @@ class CommitLog:
     def __init__(self, path: str | Path | None = None, resume: bool = False):
         import queue
         self.path = Path(path) if path is not None else None
+        self.persist = bool(resume)
         self.state_path = self.path.with_name(self.path.name + ".state.json") if self.path else None
         self.queue: "queue.SimpleQueue[tuple[int, int]]" = queue.SimpleQueue()
         self.lock = threading.Lock()
@@ -404,7 +405,7 @@ class CommitLog:
             return 0
 
     def _save(self) -> None:
-        if self.state_path is None:
+        if self.state_path is None or not self.persist:
             return
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")
         tmp.write_text(json.dumps({"streams": {str(k): v for k, v in self.sessions.items()}}))
