@@ -638,6 +638,10 @@ class ServerSession:
         now = time.monotonic()
         if st is None or st.session != session:
             if st is None and len(self.streams) >= self.max_streams:
+                for k, old in list(self.streams.items()):  # forget streams that ended or went quiet long ago
+                    if (old.eos_acked or not old.connected) and now - old.last_seen > 60.0 and not old.pending:
+                        del self.streams[k]
+            if st is None and len(self.streams) >= self.max_streams:
                 self.refuse(ControlError(f"too many streams (max {self.max_streams})"), sender)
                 return
             nxt = self.commit.next_for(stream, session)
