@@ -26,7 +26,8 @@ class ServerReceive(Source):
     def __init__(self, endpoint: str = "tcp://*:5555", bind: bool = True, checkpoint=None, exit_on_eos: bool = True,
                  max_frames=None, hwm: int = 16, drain_s: float = 10.0, idle_timeout_s: float | None = None,
                  window: int = 8, secret_key: str | None = None, allowed_keys: str | None = None,
-                 insecure: bool = False, max_payload: int = 4 * 1024 * 1024, status_s: float = 0.0):
+                 insecure: bool = False, max_payload: int = 4 * 1024 * 1024, status_s: float = 0.0,
+                 bye_grace_s: float = 8.0):
         from pipeline.errors import UsageError
         from transport.link import check_endpoint
         from transport.security import server_security
@@ -36,6 +37,7 @@ class ServerReceive(Source):
         self.drain_s = float(drain_s)
         self.idle_timeout_s = float(idle_timeout_s) if idle_timeout_s else None
         self.window, self.max_payload, self.status_s = int(window), int(max_payload), float(status_s or 0)
+        self.bye_grace_s = float(bye_grace_s)
         if self.window < 1:
             raise UsageError(f"server.receive window {window!r}: give the frames in flight per stream, >= 1")
         self.security = server_security(endpoint, secret_key, allowed_keys, bool(insecure), who="server")
@@ -68,6 +70,7 @@ class ServerReceive(Source):
         stop_at = None
         last_msg = last_status = last_house = time.monotonic()
         total = 0
+        done_at = None
         while True:
             now = time.monotonic()
             if stop.is_set() and stop_at is None:
@@ -105,9 +108,13 @@ class ServerReceive(Source):
                     self.commit.done(header.stream_id, header.frame_index)
             ses.flush_acks()
             if self.exit_on_eos and ses.all_done():
-                ses.ack_eos()
-                self._stats()
-                return
+                # every stream ended and is finished: stay until each edge says it has its last acks (a lost
+                # ack is resent on the edge's retry), at most ``bye_grace_s``
+                if done_at is None:
+                    done_at = time.monotonic()
+                if ses.all_gone() or time.monotonic() - done_at > self.bye_grace_s:
+                    self._stats()
+                    return
         # leaving early: acknowledge what finishes within a moment, the rest is resent to the next server
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline and any(st.pending for st in ses.streams.values()):

@@ -245,7 +245,8 @@ def test_server_refuses_foreign_and_corrupt_messages_counts_and_logs_once():
     codec = get_codec(CKPT)
     ep = f"tcp://127.0.0.1:{free_port()}"
     logs = []
-    rx = create_stage("server.receive", endpoint=ep, checkpoint=CKPT, exit_on_eos=True, insecure=True)
+    rx = create_stage("server.receive", endpoint=ep, checkpoint=CKPT, exit_on_eos=True, insecure=True,
+                      bye_grace_s=0.5)
     stats = StageStats()
     rx.open(StageContext("receive", "t", threading.Event(), stats, {}, logs.append))
     dealer = zmq.Context.instance().socket(zmq.DEALER)

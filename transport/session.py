@@ -5,6 +5,8 @@ Every ZeroMQ message is multipart: a one-byte kind, then its body.
 edge -> server
     ``H`` json  hello / heartbeat (every ``heartbeat_s``): ``{"proto", "stream", "session", "mode", "fingerprint"}``
     ``D`` wire  one :mod:`transport.wire` message (a frame, or the end-of-stream message)
+    ``B`` json  goodbye: the edge got its end-of-stream acknowledged (``{"stream"}``); a server with
+                ``exit_on_eos`` waits for it (up to a grace period) so its last acks are not lost on exit
 server -> edge
     ``W`` json  welcome (answer to every hello): ``{"instance", "stream", "next", "window"}``
     ``A`` <IqQ  ack: stream, frame index finished (-1: none), contiguous high-water mark + 1 ("next")
@@ -40,7 +42,7 @@ import zmq
 from transport import wire
 
 PROTO = 1
-K_HELLO, K_DATA, K_WELCOME, K_ACK, K_NACK, K_ERROR = b"H", b"D", b"W", b"A", b"N", b"E"
+K_HELLO, K_DATA, K_WELCOME, K_ACK, K_NACK, K_ERROR, K_BYE = b"H", b"D", b"W", b"A", b"N", b"E", b"B"
 _ACK = struct.Struct("<IqQ")
 _NACK = struct.Struct("<IQ")
 POLICIES = ("drop-oldest", "drop-newest")
@@ -219,8 +221,17 @@ class EdgeClient:
                         self._on_message(parts)
                 self._maybe_rewind()
                 self._send_ready(sock)
+            with self.cond:
+                bye = self.eos_count is not None and (not self.unacked if self.mode == "replay" else self.eos_sent)
+            if bye and self.instance is not None:
+                try:
+                    sock.send_multipart([K_BYE, json.dumps({"stream": self.stream}).encode()], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+                sock.close(500)
         finally:
-            sock.close(0)
+            if not sock.closed:
+                sock.close(0)
 
     def _on_message(self, parts: list[bytes]) -> None:
         if not parts:
@@ -437,6 +448,7 @@ class StreamState:
     finished_above: set = field(default_factory=set)
     eos: int | None = None
     eos_acked: bool = False
+    bye: bool = False
     last_seen: float = 0.0
     last_nack: float = 0.0
     received: int = 0
@@ -553,13 +565,23 @@ class ServerSession:
 
     def _handle(self, frames):
         rid = frames[0].bytes
-        if len(frames) != 3 or frames[1].bytes not in (K_HELLO, K_DATA):
+        if len(frames) != 3 or frames[1].bytes not in (K_HELLO, K_DATA, K_BYE):
             self.refuse(ControlError(f"a {len(frames) - 1}-part message that is not a hello or data message"),
                         self._sender(frames))
             return None
         kind = frames[1].bytes
         if kind == K_HELLO:
             self._hello(rid, frames)
+            return None
+        if kind == K_BYE:
+            try:
+                st = self.streams.get(int(json.loads(frames[2].bytes)["stream"]))
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                st = None
+            if st is None or st.peer != rid:
+                self.refuse(ControlError("a goodbye for a stream this peer does not own"), self._sender(frames))
+            else:
+                st.bye = True
             return None
         data = frames[2].bytes
         rx = time.time_ns()
@@ -701,6 +723,9 @@ class ServerSession:
             if not st.eos_acked:
                 return False
         return True
+
+    def all_gone(self) -> bool:
+        return all(st.bye for st in self.streams.values())
 
     def ack_eos(self) -> None:
         for st in self.streams.values():
