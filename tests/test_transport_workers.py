@@ -155,3 +155,13 @@ def test_dispatch_counts_live_frames_of_a_dead_worker_and_hands_replay_frames_ov
     assert emitted[0].record == {"stream": 2, "frame": 0}
     assert stats.extra["lost_live"] == 1 and stats.extra["handed_over"] == 1 and stats.dropped == 1
     assert commit.queue.get_nowait() == (1, 0)  # the lost live frame is acknowledged: the edge's credit returns
+
+
+def test_worker_graphs_load_and_server_workers_option():
+    from pipeline.graph import load_graph
+    spec = load_graph("server_workers", {"insecure": True})
+    assert [s.key for s in spec.stages][:2] == ["server.receive", "server.dispatch"]
+    spec = load_graph("worker", {"insecure": True})
+    assert spec.stages[0].key == "worker.jobs" and spec.stages[-1].key == "worker.reply"
+    from pipeline.cli import main
+    assert main(["server", "--workers", "tcp://nohost", "--insecure"]) == 2

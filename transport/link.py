@@ -1,14 +1,9 @@
-"""ZeroMQ links between the edge and the server.
+"""Plain one-way ZeroMQ links (PUSH -> PULL) and endpoint checks.
 
-Socket pattern: **PUSH (edge) -> PULL (server)**. Why this and not DEALER/ROUTER:
-
-* the data path is one way (frames go up, results never come back to the camera), so a request/reply
-  envelope would only add bytes and a routing frame per message;
-* PUSH blocks once its high-water mark is reached, which is exactly the back-pressure a lossless replay needs
-  (the edge waits for the server instead of dropping); a live source sends with NOBLOCK instead and counts the
-  frames ZeroMQ refuses as drops, keeping latency bounded;
-* several PULL workers connected to one PUSH get ZeroMQ's fair round-robin for free (topology (b) in the
-  design: scale out by adding workers, no home-made scheduler); several edges may connect to one PULL.
+The pipeline's edge and server no longer use these: they talk over DEALER/ROUTER with credits, acks, heartbeats
+and CurveZMQ (:mod:`transport.session`, :mod:`transport.security`), which replay across server restarts needs.
+:class:`PushLink`/:class:`PullLink` stay for benchmarks and tools that only need raw one-way throughput:
+PUSH blocks at its high-water mark (back-pressure), a live sender uses NOBLOCK and counts refusals as drops.
 
 Each message is one ZeroMQ frame holding one :mod:`transport.wire` message; ``len(frame)`` is the data size.
 """
