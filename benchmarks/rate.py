@@ -23,12 +23,13 @@ log = logging.getLogger("bench")
 METRICS = ("box_map50_95", "miou", "top1")
 
 
-def eval_frames(frames: int, seed: int, size: int) -> tuple[np.ndarray, list]:
-    """Fresh conveyor-line frames (through H.264 like a real recording, as codec.evaluate does) and truth."""
+def eval_frames(frames: int, seed: int, size: int, belt_seed: int | None = None) -> tuple[np.ndarray, list]:
+    """Fresh conveyor-line frames (through H.264 like a real recording, as codec.evaluate does) and truth:
+    new items (``seed``) with unseen garments on the belt of ``belt_seed`` (the training line's, as eval does)."""
     from conveyor.groundtruth import load_ground_truth
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_eval_video(Path(tmp), frames, seed, size)
+        path = make_eval_video(Path(tmp), frames, seed, size, belt_seed)
         truth = load_ground_truth(path)
         images = np.stack(list(read_video(path)))
     if images.shape[1:3] != (size, size):

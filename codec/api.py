@@ -152,6 +152,7 @@ class SplitCodec(_EntropyCoding):
                                              entropy_coder)
         self.class_names = {t: model.teachers.names(t) for t in TASKS}
         self.latent_shape = (model.spec.latent_channels, self.input_size // 4, self.input_size // 4)
+        self.metadata: dict = {}
 
     # ------------------------------------------------------------- construction
     @classmethod
@@ -334,6 +335,7 @@ def load_codec(path: str | Path | None = None) -> SplitCodec:
         raise CheckpointError(f"{path}: weights do not fit the architecture: {str(exc).splitlines()[0]}") from exc
     _load_eb(model.entropy_bottleneck, state["entropy_bottleneck"])
     codec = SplitCodec(model, coder)
+    codec.metadata = state.get("extra") or {}  # beta, resolved training config, CPU time
     if codec.fingerprint.hex() != state["fingerprint"]:
         raise CheckpointError(f"{path}: stored fingerprint {state['fingerprint']} does not match its tables "
                               f"({codec.fingerprint.hex()}); the file is corrupt or was edited")

@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=200, help="frames of the fresh line (default: %(default)s)")
     p.add_argument("--seed", type=int, default=12345, help="seed of the fresh line (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="frames per forward pass (default: %(default)s)")
+    p.add_argument("--belt", choices=["trained", "own"], default="trained",
+                   help="'trained': new items on the belt the model was trained on (default); 'own': the line's "
+                        "own belt from --seed, never seen in training")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
 
 
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
             codec = load_codec(args.checkpoint)
         except (FileNotFoundError, CodecError) as exc:
             raise UsageError(str(exc)) from exc
-        result = evaluate(codec, frames=args.frames, seed=args.seed, batch=args.batch, progress=not args.json)
+        result = evaluate(codec, frames=args.frames, seed=args.seed, batch=args.batch, progress=not args.json,
+                          belt=args.belt)
     result["checkpoint"] = args.checkpoint or "models/default.pt"
     if args.json:
         json.dump(result, sys.stdout)

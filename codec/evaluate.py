@@ -20,12 +20,22 @@ from codec.metrics import TaskMetrics
 from codec.teachers import TASKS
 
 
-def make_eval_video(out_dir: Path, frames: int, seed: int, size: int) -> Path:
-    """Write a fresh conveyor-line video with its ground-truth sidecar; returns the video path."""
+def training_belt_seed(codec: SplitCodec) -> int | None:
+    """The seed of the line the model was trained on (its belt), from the checkpoint's recorded config."""
+    data = (getattr(codec, "metadata", {}) or {}).get("config", {}).get("data", {})
+    return data.get("seed")
+
+
+def make_eval_video(out_dir: Path, frames: int, seed: int, size: int, belt_seed: int | None = None) -> Path:
+    """Write a fresh conveyor-line video with its ground-truth sidecar; returns the video path.
+
+    ``seed`` draws the items, their order and the lighting; ``belt_seed`` (when given) the belt's look, so the
+    video can be new footage of the belt a model was trained on. Garments come from Fashion-MNIST's test split.
+    """
     from conveyor.export import write_video
     from conveyor.line import ConveyorLine, LineConfig
 
-    cfg = LineConfig(size=size, seed=seed, fashion_split="test")
+    cfg = LineConfig(size=size, seed=seed, fashion_split="test", belt_seed=belt_seed)
     path = out_dir / f"eval_seed{seed}.mp4"
     write_video(ConveyorLine(cfg).frames(frames), path, cfg.fps)
     return path
@@ -45,13 +55,21 @@ def _add(metrics: TaskMetrics, result: dict, truth) -> None:
 
 
 def evaluate(codec: SplitCodec, frames: int = 200, seed: int = 12345, batch: int = 8,
-             video: Path | None = None, progress: bool = True) -> dict:
-    """Teacher and student metrics, payload sizes and encoder cost, as one flat dict (the --json object)."""
+             video: Path | None = None, progress: bool = True, belt: str = "trained") -> dict:
+    """Teacher and student metrics, payload sizes and encoder cost, as one flat dict (the --json object).
+
+    ``belt``: 'trained' (default) renders the new items on the belt the model was trained on (a fresh recording
+    from the same camera); 'own' gives the line its own belt (``seed``'s), a test of generalisation to a
+    belt never seen in training.
+    """
     from conveyor.groundtruth import load_ground_truth
 
+    if belt not in ("trained", "own"):
+        raise ValueError(f"belt {belt!r} must be 'trained' or 'own'")
+    belt_seed = training_belt_seed(codec) if belt == "trained" else None
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        path = video or make_eval_video(Path(tmp), frames, seed, codec.input_size)
+        path = video or make_eval_video(Path(tmp), frames, seed, codec.input_size, belt_seed)
         truth = load_ground_truth(path)
         images = np.stack(list(read_video(path)))
     if images.shape[1:3] != (codec.input_size, codec.input_size):
@@ -76,7 +94,7 @@ def evaluate(codec: SplitCodec, frames: int = 200, seed: int = 12345, batch: int
     sizes_a, est_a = np.asarray(sizes, dtype=np.float64), np.asarray(estimates)
     stats = codec.encoder_stats()
     result = {
-        "frames": int(len(images)), "seed": seed, "input_size": codec.input_size,
+        "frames": int(len(images)), "seed": seed, "belt_seed": belt_seed, "input_size": codec.input_size,
         "fingerprint": codec.fingerprint.hex(),
         "teacher": teacher_m.summary(), "student": student_m.summary(),
         "payload_bytes_mean": float(sizes_a.mean()), "payload_bytes_p95": float(np.percentile(sizes_a, 95)),
@@ -93,8 +111,9 @@ def evaluate(codec: SplitCodec, frames: int = 200, seed: int = 12345, batch: int
 def format_table(result: dict) -> str:
     """Human-readable summary of :func:`evaluate`'s dict."""
     t, s = result["teacher"], result["student"]
-    rows = [f"eval: {result['frames']} frames, seed {result['seed']}, {result['input_size']} px, "
-            f"model {result['fingerprint']}",
+    belt = "its own belt" if result.get("belt_seed") is None else f"the training belt (seed {result['belt_seed']})"
+    rows = [f"eval: {result['frames']} frames, seed {result['seed']} on {belt}, unseen garments, "
+            f"{result['input_size']} px, model {result['fingerprint']}",
             f"{'':24}{'teachers (raw)':>16}{'split model':>14}",
             f"{'box mAP50-95':24}{t.get('box_map50_95', 0):16.1f}{s.get('box_map50_95', 0):14.1f}",
             f"{'mIoU':24}{t.get('miou', 0):16.1f}{s.get('miou', 0):14.1f}",

@@ -108,6 +108,12 @@ class MultiTaskTeachers(nn.Module):
         det, sem, clf = models
         for other, stop, name in ((sem, SEM_HEAD_START, "semantic"), (clf, CLS_HEAD_START, "classify")):
             for i in range(stop):
+                eps_a = [m.eps for m in det.model[i].modules() if isinstance(m, nn.BatchNorm2d)]
+                eps_b = [m.eps for m in other.model[i].modules() if isinstance(m, nn.BatchNorm2d)]
+                if eps_a != eps_b:
+                    raise ValueError(f"{name} teacher layer {i} normalises with BatchNorm eps {eps_b[:1]}, the "
+                                     f"detector with {eps_a[:1]}: its head learned on other features than the "
+                                     f"shared body computes (train it with `run_pipeline.py train`, which aligns eps)")
                 a, b = det.model[i].state_dict(), other.model[i].state_dict()
                 if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
                     raise ValueError(f"{name} teacher layer {i} has another architecture than the detector's")

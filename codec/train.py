@@ -105,12 +105,22 @@ def train_teachers(cfg: TrainConfig, run: Path, data_dir: Path) -> MultiTaskTeac
         ("classify", t.classify_yaml, data_dir / "classify",
          dict(epochs=t.classify_epochs, freeze=CLS_HEAD_START, scale=0.1, erasing=0.0, auto_augment=None)),
     ]
+    def detector_bn_eps(trainer) -> None:
+        # Ultralytics gives detect/semantic models BatchNorm eps 1e-3 but classify models 1e-5: with the
+        # detector's frozen backbone copied in, the classify head would learn on features the shared body never
+        # computes. Use the detector's eps everywhere, in the model and its EMA (what the checkpoint keeps).
+        for model in (trainer.model, getattr(getattr(trainer, "ema", None), "ema", None)):
+            for m in (model.modules() if model is not None else ()):
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.eps = 1e-3
+
     weights = {}
     for name, yaml_file, data, extra in jobs:
         best = root / name / "weights" / "best.pt"
         if not best.is_file():
             print(f"[train] teacher '{name}': {yaml_file} on {data}", flush=True)
             model = YOLO(yaml_file)
+            model.add_callback("on_pretrain_routine_end", detector_bn_eps)
             kwargs = dict(common, data=str(data), name=name, **extra)
             if name != "detect":
                 kwargs["pretrained"] = str(weights["detect"])

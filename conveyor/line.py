@@ -73,6 +73,8 @@ class LineConfig:
     min_visible: float = 0.0015  # fraction of the frame: smaller visible items leave the detection truth
     fashion_dir: str = DEFAULT_FASHION_DIR
     fashion_split: str = "train"  # 'train' (60k) | 'test' (10k): use 'test' for a line with unseen garments
+    belt_seed: int | None = None  # the belt's look (texture tint, brightness) from this seed instead of ``seed``:
+    # new items on the *same* belt, i.e. fresh footage from a camera whose line the model was trained on
 
     def validate(self) -> None:
         if not isinstance(self.size, int) or self.size < 64 or self.size % 2:
@@ -311,7 +313,9 @@ class ConveyorLine:
     def __iter__(self) -> Iterator[LineFrame]:
         cfg, n = self.cfg, self.cfg.size
         rng = np.random.default_rng([cfg.seed, 0x11E])
-        tile = self._belt_tile(rng)
+        tile = self._belt_tile(rng)  # always drawn, so belt_seed leaves the rest of the line unchanged
+        if cfg.belt_seed is not None:
+            tile = self._belt_tile(np.random.default_rng([cfg.belt_seed, 0x11E]))  # line belt_seed's belt
         tw = tile.shape[1]
         phases = rng.uniform(0, 2 * math.pi, 4)
         periods = np.array([7.0, 2.3, 11.0, 5.0]) * cfg.fps * rng.uniform(0.8, 1.25, 4)
