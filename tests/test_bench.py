@@ -91,7 +91,7 @@ def test_quick_bench_numbers_are_sane(quick_bench):
         assert all(a >= b - 1e-12 for a, b in zip(vals, vals[1:]))  # more bandwidth, never slower
     ent = res["entropy_coding"]
     assert all(c["lossless"] for c in ent["coders"].values())
-    assert ent["compressai_coder_matches_codec_payload"]
+    assert ent["codec_entropy_coder"] == "constriction" and ent["coder_matches_codec_payload"]
 
 
 def test_bad_checkpoint_is_a_usage_error(tmp_path):
