@@ -9,6 +9,7 @@ inject decoded features at the split point) and turns raw head outputs into plai
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -191,7 +192,8 @@ class MultiTaskTeachers(nn.Module):
         model = {"detection": self.detect, "segmentation": self.semantic, "classification": self.classify}[task]
         names = getattr(model, "names", None) or {}
         n = _num_classes(model)
-        return [str(names.get(i, i)) for i in range(n)]
+        # classify folders are numbered so Ultralytics' alphabetical order is the class order: drop "07_"
+        return [re.sub(r"^\d+_", "", str(names.get(i, i))) for i in range(n)]
 
 
 def postprocess(task: str, raw, input_size: int, conf: float = 0.25, iou: float = 0.7, end2end: bool = False,

@@ -36,8 +36,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_demo_video(path: Path, frames: int = DEMO_FRAMES, size: int = 256, fps: int = 15) -> Path:
-    """Render a conveyor-line clip with PyAV (H.264) into ``path``."""
+def make_demo_video(path: Path, frames: int = DEMO_FRAMES, size: int = 256, fps: int = 15,
+                    belt_seed: int | None = None) -> Path:
+    """Render a conveyor-line clip with PyAV (H.264) into ``path``: new items and unseen garments, on the belt
+    of line ``belt_seed`` (the one the model was trained on, as for a camera the model was trained for)."""
     import av
     try:
         from conveyor.line import ConveyorLine, LineConfig
@@ -50,7 +52,8 @@ def make_demo_video(path: Path, frames: int = DEMO_FRAMES, size: int = 256, fps:
         s = c.add_stream("libx264", rate=fps)
         s.width = s.height = size
         s.pix_fmt = "yuv420p"
-        for lf in ConveyorLine(LineConfig(size=size, fps=fps, seed=0)).frames(frames):
+        line = LineConfig(size=size, fps=fps, seed=0, belt_seed=belt_seed, fashion_split="test")
+        for lf in ConveyorLine(line).frames(frames):
             for pkt in s.encode(av.VideoFrame.from_ndarray(lf.image, format="rgb24")):
                 c.mux(pkt)
         for pkt in s.encode():
@@ -81,14 +84,15 @@ def run(args) -> int:
     if demo:
         # never silently fall back to a random model: get_codec raises a UsageError saying how to make one
         from pipeline.codecs import get_codec
-        get_codec(args.checkpoint)
+        demo_codec = get_codec(args.checkpoint)
     if args.source is not None:
         variables["source"] = args.source
     elif demo:
         video = out / "conveyor_demo.mp4"
         if not video.is_file():
             print(f"generating the demo video {video} ({DEMO_FRAMES} conveyor-line frames)", file=sys.stderr)
-            make_demo_video(video)
+            from codec.evaluate import training_belt_seed
+            make_demo_video(video, size=demo_codec.input_size, belt_seed=training_belt_seed(demo_codec))
         variables["source"] = str(video)
     if args.insecure:
         variables["insecure"] = True
