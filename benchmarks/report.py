@@ -161,8 +161,9 @@ def markdown(r: dict) -> str:
               f"only `codec.api.load_edge` and encodes frames **{e['peak_rss_mb']:.0f} MB** (load {e['load_s']:.1f} s, "
               f"encode {1e3 * e['encode_s_median']:.2f} ms/frame); full-local process with the three models "
               f"**{lo['peak_rss_mb']:.0f} MB** ({1e3 * lo['three_models_s_median']:.1f} ms/frame). Most of the edge "
-              f"figure is imports (`codec.api` imports Ultralytics and CompressAI through `codec.teachers`), not "
-              f"the 0.1 MB encoder.", ""]
+              f"figure is the runtime the encoder runs on (PyTorch, a CUDA build here, and CompressAI; the edge "
+              f"imports no Ultralytics), not the 0.1 MB encoder: exporting the encoder's tensor part (for example "
+              f"to ONNX) is how a small device would shed it.", ""]
     L += ["## End-to-end latency", "",
           "Model: device time (1 thread) + bytes x 8 / bandwidth + server time (the faster of 1 thread and default "
           "threads on this machine; with 2 cores shared with other jobs, multi-threaded timings are noisy). Offload "
