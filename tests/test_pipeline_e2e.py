@@ -12,6 +12,7 @@ import av
 import numpy as np
 import pytest
 
+from tests import transport_helpers
 from tests.test_pipeline_graph import make_plugin
 
 pytest.importorskip("codec.api")
@@ -28,20 +29,7 @@ def free_port() -> int:
 
 
 def write_video(path: Path, n: int, w: int, h: int, fps: int = 10) -> Path:
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        for i in range(n):
-            img = np.full((h, w, 3), 40, np.uint8)
-            x = (i * 5) % (w - 16)
-            img[h // 4:h // 4 + 16, x:x + 16] = rng.integers(0, 255, 3, dtype=np.uint8)
-            img[:, :, 2] += np.linspace(0, 80, w, dtype=np.uint8)[None, :]
-            for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(pkt)
-        for pkt in s.encode():
-            c.mux(pkt)
-    return path
+    return transport_helpers.write_video(path, n, w, h, fps, step=5, gradient=True)
 
 
 def read_frames(path: Path) -> list[np.ndarray]:

@@ -86,7 +86,9 @@ def kill(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-def write_video(path: Path, n: int, w: int = 64, h: int = 64, fps: int = 10) -> Path:
+def write_video(path: Path, n: int, w: int = 64, h: int = 64, fps: int = 10, step: int = 3,
+                gradient: bool = False) -> Path:
+    """A small H.264 clip: a coloured square moving ``step`` px per frame (plus a blue ramp with ``gradient``)."""
     import av
     import numpy as np
     rng = np.random.default_rng(0)
@@ -95,8 +97,10 @@ def write_video(path: Path, n: int, w: int = 64, h: int = 64, fps: int = 10) -> 
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         for i in range(n):
             img = np.full((h, w, 3), 40, np.uint8)
-            x = (i * 3) % (w - 16)
+            x = (i * step) % (w - 16)
             img[h // 4:h // 4 + 16, x:x + 16] = rng.integers(0, 255, 3, dtype=np.uint8)
+            if gradient:
+                img[:, :, 2] += np.linspace(0, 80, w, dtype=np.uint8)[None, :]
             for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 c.mux(pkt)
         for pkt in s.encode():

@@ -49,11 +49,7 @@ class PushLink:
         # queue only on completed connections: with no server up, send waits (and times out) instead of
         # piling frames into a pipe nobody reads
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
-        try:
-            (self.sock.bind if bind else self.sock.connect)(endpoint)
-        except zmq.ZMQError as exc:
-            self.sock.close(0)
-            raise UsageError(f"cannot {'bind' if bind else 'connect'} {endpoint!r}: {exc}") from exc
+        attach(self.sock, endpoint, bind)
         self.bytes_sent = 0
         self.sent = 0
         self.dropped = 0
@@ -85,6 +81,18 @@ class PushLink:
         self.sock.close(int((self.send_timeout_s if linger_s is None else linger_s) * 1000))
 
 
+def attach(sock: zmq.Socket, endpoint: str, bind: bool) -> str:
+    """Bind or connect ``sock``; returns the actual endpoint (the port chosen for ``tcp://*:0``). A failure
+    closes the socket and raises a UsageError naming the endpoint."""
+    try:
+        (sock.bind if bind else sock.connect)(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        raise UsageError(f"cannot {'bind' if bind else 'connect'} {endpoint!r}: {exc} "
+                         f"(port in use or address not on this machine?)") from exc
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
+
+
 class PullLink:
     """Server side: bind (default) or connect a PULL socket and receive wire messages with a poll timeout."""
 
@@ -94,13 +102,7 @@ class PullLink:
         self.sock = self._ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.RCVHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, 0)
-        try:
-            (self.sock.bind if bind else self.sock.connect)(endpoint)
-        except zmq.ZMQError as exc:
-            self.sock.close(0)
-            raise UsageError(f"cannot {'bind' if bind else 'connect'} {endpoint!r}: {exc} "
-                             f"(port in use or address not on this machine?)") from exc
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
+        self.endpoint = attach(self.sock, endpoint, bind)
 
     def recv(self, timeout_ms: int = 100) -> bytes | None:
         if self.sock.poll(timeout_ms, zmq.POLLIN):

@@ -499,14 +499,8 @@ class ServerSession:
         _tune(self.sock)
         if security is not None:
             security.apply(self.sock)
-        from pipeline.errors import UsageError
-        try:
-            (self.sock.bind if bind else self.sock.connect)(endpoint)
-        except zmq.ZMQError as exc:
-            self.sock.close(0)
-            raise UsageError(f"cannot {'bind' if bind else 'connect'} {endpoint!r}: {exc} "
-                             f"(port in use or address not on this machine?)") from exc
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
+        from transport.link import attach
+        self.endpoint = attach(self.sock, endpoint, bind)
         self.streams: dict[int, StreamState] = {}
         self.refused: dict[str, int] = {}
         self.refused_senders: dict[str, str] = {}
