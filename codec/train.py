@@ -32,7 +32,7 @@ from codec.api import SplitCodec
 from codec.config import TrainConfig, dump_config
 from codec.model import SplitModel
 from codec.student import StudentSpec
-from codec.teachers import CLS_HEAD_START, SEM_HEAD_START, MultiTaskTeachers, TeacherSpec
+from codec.teachers import CLS_HEAD_START, SEM_HEAD_START, MultiTaskTeachers
 from pipeline.errors import UsageError
 
 

@@ -11,8 +11,7 @@ import psutil
 import pytest
 import zmq
 
-from tests.transport_helpers import (edge_checkpoint, free_port, kill, read_jsonl, record_server_config, spawn,
-                                     wait_for)
+from tests.transport_helpers import (edge_checkpoint, free_port, kill, read_jsonl, record_server_config, spawn)
 
 pytest.importorskip("codec.api")
 N_FUZZ = 100_000

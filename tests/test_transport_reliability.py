@@ -1,9 +1,7 @@
 """Replay across server crashes (exactly once, in order), live overload (bounded latency, counted drops),
 several edge streams into one server. Real processes over tcp, tiny 64 px frames, random codec."""
-import json
 import re
 import signal
-import time
 
 import pytest
 
@@ -64,15 +62,15 @@ def test_live_overload_bounded_latency_counted_drops_and_recovery(tmp_path):
     ckpt = edge_checkpoint()
     cfg = record_server_config(tmp_path / "server.yaml", "{ms: 200, after: 30, then_ms: 5}")
     edge_cfg = tmp_path / "edge.yaml"
-    edge_cfg.write_text(f"""
+    edge_cfg.write_text("""
 name: live_edge
 queue_size: 2
-vars: {{connect: null, checkpoint: null, insecure: true}}
+vars: {connect: null, checkpoint: null, insecure: true}
 stages:
-  - {{name: source, key: source.conveyor, params: {{size: 64, fps: 10, max_frames: 120, seed: 3}}}}
-  - {{name: edge, key: edge.encode, inputs: [source], params: {{checkpoint: "${{checkpoint}}"}}}}
-  - {{name: uplink, key: edge.send, inputs: [edge], params: {{endpoint: "${{connect}}", insecure: true,
-      policy: drop-oldest, live_queue: 1}}}}
+  - {name: source, key: source.conveyor, params: {size: 64, fps: 10, max_frames: 120, seed: 3}}
+  - {name: edge, key: edge.encode, inputs: [source], params: {checkpoint: "${checkpoint}"}}
+  - {name: uplink, key: edge.send, inputs: [edge], params: {endpoint: "${connect}", insecure: true,
+      policy: drop-oldest, live_queue: 1}}
 """)
     port, out = free_port(), tmp_path / "out"
     slog, elog = tmp_path / "server.log", tmp_path / "edge.log"

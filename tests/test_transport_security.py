@@ -1,10 +1,8 @@
 """CurveZMQ on tcp links: keys command, unknown keys refused, nothing readable on the wire, --insecure rule."""
 import stat
 import threading
-import time
 
 import pytest
-import zmq
 
 from pipeline.cli import main
 from pipeline.errors import UsageError
