@@ -72,9 +72,9 @@ def rate_accuracy(codecs: dict, frames: np.ndarray, truth: list, cfg: dict) -> l
         sizes, est, results = [], [], []
         for i in range(0, len(frames), batch):
             chunk = frames[i:i + batch]
-            enc = codec.encode(chunk)
+            enc, estimate = codec.encode_with_estimate(chunk)
             sizes += [len(e.payload) + HEADER_SIZE for e in enc]
-            est += codec.estimate_bytes(chunk)
+            est += estimate
             results += codec.heads(codec.decode(enc), conf=0.001)
         metrics = score(codec, results, truth)
         payload = np.asarray(sizes, dtype=np.float64) - HEADER_SIZE

@@ -110,17 +110,25 @@ class _EntropyCoding:
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> list[EncodedFrame]:
         """Frames (B,S,S,3) uint8 RGB at the model input size -> one entropy-coded payload per frame."""
-        x = _frames_to_tensor(frames, self.input_size)
-        y = self.encoder(x)
-        strings = self.coder.compress(symbols_from_latent(self.entropy_bottleneck, y))
-        shape = tuple(int(s) for s in y.shape[1:])
-        return [EncodedFrame(bytes(s), shape, self.fingerprint) for s in strings]
+        return self._code(self.encoder(_frames_to_tensor(frames, self.input_size)))
 
     @torch.no_grad()
     def estimate_bytes(self, frames: np.ndarray) -> list[float]:
         """The entropy model's estimate of each frame's payload size (bytes), without coding."""
-        x = _frames_to_tensor(frames, self.input_size)
-        y = self.encoder(x)
+        return self._estimate(self.encoder(_frames_to_tensor(frames, self.input_size)))
+
+    @torch.no_grad()
+    def encode_with_estimate(self, frames: np.ndarray) -> tuple[list[EncodedFrame], list[float]]:
+        """``encode`` and ``estimate_bytes`` from one encoder pass (evaluation and benchmarks report both)."""
+        y = self.encoder(_frames_to_tensor(frames, self.input_size))
+        return self._code(y), self._estimate(y)
+
+    def _code(self, y: torch.Tensor) -> list[EncodedFrame]:
+        strings = self.coder.compress(symbols_from_latent(self.entropy_bottleneck, y))
+        shape = tuple(int(s) for s in y.shape[1:])
+        return [EncodedFrame(bytes(s), shape, self.fingerprint) for s in strings]
+
+    def _estimate(self, y: torch.Tensor) -> list[float]:
         _, lik = self.entropy_bottleneck(y, training=False)
         return [float(v) for v in (-torch.log2(lik).flatten(1).sum(1) / 8.0)]
 
@@ -148,7 +156,7 @@ class SplitCodec(_EntropyCoding):
         if self.entropy_bottleneck._quantized_cdf.numel() == 0:
             self.entropy_bottleneck.update(force=True)
         self.fingerprint = model_fingerprint(model.spec, model.input_size,
-                                             model.teachers.export_state()["yaml"], self.entropy_bottleneck,
+                                             model.teachers.yaml_dicts(), self.entropy_bottleneck,
                                              entropy_coder)
         self.class_names = {t: model.teachers.names(t) for t in TASKS}
         self.latent_shape = (model.spec.latent_channels, self.input_size // 4, self.input_size // 4)

@@ -80,9 +80,9 @@ def evaluate(codec: SplitCodec, frames: int = 200, seed: int = 12345, batch: int
     sizes, estimates, jpeg = [], [], []
     for start in tqdm(range(0, len(images), batch), desc="eval", unit="batch", disable=not progress):
         chunk = images[start:start + batch]
-        encoded = codec.encode(chunk)
+        encoded, estimate = codec.encode_with_estimate(chunk)
         sizes += [len(e.payload) for e in encoded]
-        estimates += codec.estimate_bytes(chunk)
+        estimates += estimate
         jpeg += [len(cv2.imencode(".jpg", cv2.cvtColor(im, cv2.COLOR_RGB2BGR),
                                   [cv2.IMWRITE_JPEG_QUALITY, 90])[1]) for im in chunk]
         student = codec.heads(codec.decode(encoded), conf=0.001)

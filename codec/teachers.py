@@ -126,10 +126,14 @@ class MultiTaskTeachers(nn.Module):
         return cls(det, sem, clf)
 
     # ----------------------------------------------------------------- (de)serialisation
+    def yaml_dicts(self) -> dict:
+        """The three model definitions (architecture only: part of the model fingerprint)."""
+        return {"detect": self.detect.yaml, "semantic": self.semantic.yaml, "classify": self.classify.yaml}
+
     def export_state(self) -> dict:
         """Distinct parts only: the whole detector plus the segmentation and classification heads."""
         return {
-            "yaml": {"detect": self.detect.yaml, "semantic": self.semantic.yaml, "classify": self.classify.yaml},
+            "yaml": self.yaml_dicts(),
             "names": {"detect": dict(self.detect.names) if hasattr(self.detect, "names") else None,
                       "semantic": dict(self.semantic.names) if hasattr(self.semantic, "names") else None,
                       "classify": dict(self.classify.names) if hasattr(self.classify, "names") else None},
