@@ -158,13 +158,11 @@ def bench(cfg: dict, out: Path, command: str) -> dict:
     default_name = names[len(names) // 2]
     default = codecs[default_name]
     default_ckpt = cfg["checkpoints"][[_name(Path(p)) for p in cfg["checkpoints"]].index(default_name)]
-    from codec.evaluate import training_belt_seed
-
-    cfg.update({"input_size": size, "default_point": default_name, "belt_seed": training_belt_seed(default)})
+    cfg.update({"input_size": size, "default_point": default_name, "footage": "heldout belt families"})
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     log.info("fresh conveyor line: %d frames, seed %d, %d px", cfg["frames"], cfg["seed"], size)
-    frames, truth = rate.eval_frames(cfg["frames"], cfg["seed"], size, cfg["belt_seed"])
+    frames, truth = rate.eval_frames(cfg["frames"], cfg["seed"], size)
     rows = rate.rate_accuracy(codecs, frames, truth, cfg)
     split_rows = [r for r in rows if r["method"].startswith("split")]
     baselines = sorted({r["method"] for r in rows if not r["method"].startswith(("split", "teachers"))})

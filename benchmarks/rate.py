@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from benchmarks import media
-from codec.evaluate import _add, make_eval_video, read_video
+from codec.evaluate import _add, suite_footage
 from codec.metrics import TaskMetrics
 from transport.wire import HEADER_SIZE
 
@@ -23,18 +23,10 @@ log = logging.getLogger("bench")
 METRICS = ("box_map50_95", "miou", "top1")
 
 
-def eval_frames(frames: int, seed: int, size: int, belt_seed: int | None = None) -> tuple[np.ndarray, list]:
-    """Fresh conveyor-line frames (through H.264 like a real recording, as codec.evaluate does) and truth:
-    new items (``seed``) with unseen garments on the belt of ``belt_seed`` (the training line's, as eval does)."""
-    from conveyor.groundtruth import load_ground_truth
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = make_eval_video(Path(tmp), frames, seed, size, belt_seed)
-        truth = load_ground_truth(path)
-        images = np.stack(list(read_video(path)))
-    if images.shape[1:3] != (size, size):
-        images = np.stack([cv2.resize(im, (size, size)) for im in images])
-    return images, truth
+def eval_frames(frames: int, seed: int, size: int) -> tuple[np.ndarray, list]:
+    """Fresh frames and truth of eval's headline suite (held-out belt families, unseen garments, through H.264
+    like a real recording), the same footage ``run_pipeline.py eval`` scores."""
+    return suite_footage("heldout", frames, seed, size)
 
 
 def score(codec, results: list[dict], truth: list) -> dict:

@@ -13,12 +13,16 @@ from pipeline.errors import UsageError
 
 @dataclass
 class DataConfig:
-    """Conveyor-line frames the recipe trains on (generated once per run directory)."""
+    """Training scenes (``conveyor.scene``: every frame drawn independently, belts from the training families),
+    generated once per run directory."""
 
     frames: int = 2000
-    seed: int = 1000  # eval uses other seeds, so train and eval lines differ
+    seed: int = 1000  # eval uses other seeds, belts from held-out families and unseen garments
     val_fraction: float = 0.1
     items: str = "auto"
+    belts: str = "train"  # belt set or family (conveyor.belts); 'heldout' families are for evaluation
+    array_frames: int = 4000  # how many of the frames stages 1 and 2 of the student keep in memory
+    workers: int = 2  # processes rendering scenes
 
 
 @dataclass
@@ -29,10 +33,13 @@ class TeacherConfig:
     semantic_yaml: str = "yolo26n-sem.yaml"
     classify_yaml: str = "yolo26n-cls.yaml"
     epochs: int = 8
+    time: float | None = None  # hours for the detector instead of epochs (Ultralytics fits its schedule to it)
     head_epochs: int = 4  # segmentation head on the frozen detector backbone
-    classify_epochs: int = 15  # classification head on the frozen backbone (cheap: no neck, 1/3 the step time)
+    head_time: float | None = None  # hours for the segmentation head instead of head_epochs
+    classify_epochs: int = 30  # station classification head on cached body features (seconds per epoch)
     batch: int = 32
     workers: int = 2
+    train_args: dict = field(default_factory=dict)  # more Ultralytics train() arguments, e.g. {nbs: 16, flipud: 0.5}
     detect: str | None = None  # bring-your-own checkpoints (all three, sharing the detector's backbone)
     semantic: str | None = None
     classify: str | None = None

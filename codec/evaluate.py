@@ -1,14 +1,24 @@
-"""Evaluation on a freshly generated conveyor-line video: teachers on raw frames against the split model.
+"""The evaluation protocol, fixed in code: teachers on raw frames against the split model on real bitstreams.
 
-The line uses Fashion-MNIST's *test* garments and a seed the training never saw; the video goes through H.264
-like a real recording and is decoded back with PyAV, and the truth comes from its sidecar.
+Suites (rendered fresh each time, through H.264 like a real recording, decoded with PyAV):
+
+- ``heldout`` (the default headline): conveyor lines whose belts come from the **held-out belt families**
+  (``conveyor.belts.HELDOUT_FAMILIES``: never in any training frame) carrying **Fashion-MNIST test-split
+  garments** (never seen in training), with the randomised look (camera, lighting, distractors). The frames are
+  split over several lines (``LINES_PER_SUITE``, seeds ``seed``, ``seed + 1``, ...), so several belts count.
+- ``train``: the same, with belts from the training families (new belts of a kind seen in training): the
+  training distribution, for comparison.
+
+``evaluate_footage`` scores any footage with ground truth in the format ``data`` writes (a video and its
+``.gt.jsonl`` sidecar), letterboxing frames to the model input as the pipeline does and mapping the truth
+into that frame.
 """
 from __future__ import annotations
 
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import av
 import cv2
@@ -19,24 +29,18 @@ from codec.api import SplitCodec
 from codec.metrics import TaskMetrics
 from codec.teachers import TASKS
 
-
-def training_belt_seed(codec: SplitCodec) -> int | None:
-    """The seed of the line the model was trained on (its belt), from the checkpoint's recorded config."""
-    data = (getattr(codec, "metadata", {}) or {}).get("config", {}).get("data", {})
-    return data.get("seed")
+SUITES = {"heldout": "heldout", "train": "train"}  # suite name -> belt set of conveyor.belts
+LINES_PER_SUITE = 3
 
 
-def make_eval_video(out_dir: Path, frames: int, seed: int, size: int, belt_seed: int | None = None) -> Path:
-    """Write a fresh conveyor-line video with its ground-truth sidecar; returns the video path.
-
-    ``seed`` draws the items, their order and the lighting; ``belt_seed`` (when given) the belt's look, so the
-    video can be new footage of the belt a model was trained on. Garments come from Fashion-MNIST's test split.
-    """
+def make_eval_video(out_dir: Path, frames: int, seed: int, size: int, belts: str = "heldout") -> Path:
+    """Write one fresh conveyor-line video (unseen garments, a belt from ``belts``) with its ground-truth
+    sidecar; returns the video path."""
     from conveyor.export import write_video
     from conveyor.line import ConveyorLine, LineConfig
 
-    cfg = LineConfig(size=size, seed=seed, fashion_split="test", belt_seed=belt_seed)
-    path = out_dir / f"eval_seed{seed}.mp4"
+    cfg = LineConfig(size=size, seed=seed, fashion_split="test", belts=belts)
+    path = out_dir / f"eval_{belts}_seed{seed}.mp4"
     write_video(ConveyorLine(cfg).frames(frames), path, cfg.fps)
     return path
 
@@ -48,37 +52,58 @@ def read_video(path: Path) -> Iterable[np.ndarray]:
             yield frame.to_ndarray(format="rgb24")
 
 
+def letterboxed(images: Sequence[np.ndarray], truth: list, size: int) -> tuple[np.ndarray, list]:
+    """Frames letterboxed to the model input (Ultralytics' LetterBox, as the edge does) and the truth mapped into
+    that frame: boxes scaled and shifted, the class map resized (nearest) with the padding ignored (255)."""
+    from ultralytics.data.augment import LetterBox
+
+    from conveyor.groundtruth import FrameTruth
+
+    out_images, out_truth = [], []
+    for im, gt in zip(images, truth):
+        h, w = im.shape[:2]
+        if (h, w) == (size, size):
+            out_images.append(im)
+            out_truth.append(gt)
+            continue
+        lb = LetterBox(new_shape=(size, size), auto=False, scaleup=True, center=True)
+        p = lb.get_params({"img": im})
+        r, left, top = float(p["ratio"][0]), int(p["left"]), int(p["top"])
+        uw, uh = int(p["new_unpad"][0]), int(p["new_unpad"][1])
+        out_images.append(lb(image=im))
+        boxes = gt.boxes * r + np.array([left, top, left, top], np.float32)
+        sem = np.full((size, size), 255, np.uint8)
+        sem[top:top + uh, left:left + uw] = cv2.resize(gt.semantic, (uw, uh), interpolation=cv2.INTER_NEAREST)
+        out_truth.append(FrameTruth(gt.index, boxes.astype(np.float32), gt.classes, sem, gt.label))
+    return np.stack(out_images), out_truth
+
+
+def load_footage(video: Path, gt: Path | None, size: int) -> tuple[np.ndarray, list]:
+    """A video and its truth (``gt`` or the sidecar beside the video), letterboxed to ``size``."""
+    from conveyor.groundtruth import load_ground_truth
+
+    truth = load_ground_truth(gt or video)
+    images = list(read_video(video))
+    if len(images) != len(truth):
+        raise ValueError(f"{video} has {len(images)} frames but its truth {gt or 'sidecar'} has {len(truth)}; "
+                         f"they must describe the same frames")
+    return letterboxed(images, truth, size)
+
+
 def _add(metrics: TaskMetrics, result: dict, truth) -> None:
     metrics.add_detection(result["detection"], truth.boxes, truth.classes)
     metrics.add_segmentation(result["segmentation"], truth.semantic)
     metrics.add_classification(result["classification"]["label"], truth.label)
 
 
-def evaluate(codec: SplitCodec, frames: int = 200, seed: int = 12345, batch: int = 8,
-             video: Path | None = None, progress: bool = True, belt: str = "trained") -> dict:
-    """Teacher and student metrics, payload sizes and encoder cost, as one flat dict (the --json object).
-
-    ``belt``: 'trained' (default) renders the new items on the belt the model was trained on (a fresh recording
-    from the same camera); 'own' gives the line its own belt (``seed``'s), a test of generalisation to a
-    belt never seen in training.
-    """
-    from conveyor.groundtruth import load_ground_truth
-
-    if belt not in ("trained", "own"):
-        raise ValueError(f"belt {belt!r} must be 'trained' or 'own'")
-    belt_seed = training_belt_seed(codec) if belt == "trained" else None
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = video or make_eval_video(Path(tmp), frames, seed, codec.input_size, belt_seed)
-        truth = load_ground_truth(path)
-        images = np.stack(list(read_video(path)))
-    if images.shape[1:3] != (codec.input_size, codec.input_size):
-        images = np.stack([cv2.resize(im, (codec.input_size, codec.input_size)) for im in images])
+def score(codec: SplitCodec, images: np.ndarray, truth: list, batch: int = 8, progress: bool = True,
+          desc: str = "eval") -> dict:
+    """Teacher and student metrics, payload sizes against the estimate and JPEG q90, on given frames."""
     n_det = len(codec.class_names["detection"])
     n_sem = len(codec.class_names["segmentation"])
     teacher_m, student_m = TaskMetrics(n_det, n_sem), TaskMetrics(n_det, n_sem)
     sizes, estimates, jpeg = [], [], []
-    for start in tqdm(range(0, len(images), batch), desc="eval", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(images), batch), desc=desc, unit="batch", disable=not progress):
         chunk = images[start:start + batch]
         encoded, estimate = codec.encode_with_estimate(chunk)
         sizes += [len(e.payload) for e in encoded]
@@ -92,39 +117,91 @@ def evaluate(codec: SplitCodec, frames: int = 200, seed: int = 12345, batch: int
             _add(student_m, s, gt)
             _add(teacher_m, t, gt)
     sizes_a, est_a = np.asarray(sizes, dtype=np.float64), np.asarray(estimates)
-    stats = codec.encoder_stats()
-    result = {
-        "frames": int(len(images)), "seed": seed, "belt_seed": belt_seed, "input_size": codec.input_size,
-        "fingerprint": codec.fingerprint.hex(),
+    return {
+        "frames": int(len(images)),
         "teacher": teacher_m.summary(), "student": student_m.summary(),
         "payload_bytes_mean": float(sizes_a.mean()), "payload_bytes_p95": float(np.percentile(sizes_a, 95)),
         "estimate_bytes_mean": float(est_a.mean()),
         "payload_vs_estimate": float(sizes_a.sum() / max(est_a.sum(), 1e-9)),
         "jpeg90_bytes_mean": float(np.mean(jpeg)),
         "jpeg90_over_payload": float(np.mean(jpeg) / max(sizes_a.mean(), 1e-9)),
-        **stats,
-        "seconds": time.perf_counter() - t0,
     }
+
+
+def suite_footage(suite: str, frames: int, seed: int, size: int, lines: int = LINES_PER_SUITE
+                  ) -> tuple[np.ndarray, list]:
+    """The frames and truth of one suite: ``frames`` split over ``lines`` fresh lines (seeds seed, seed+1...)."""
+    from conveyor.groundtruth import load_ground_truth
+
+    if suite not in SUITES:
+        raise ValueError(f"suite {suite!r} must be one of {', '.join(SUITES)}")
+    lines = max(1, min(lines, frames))
+    per = [frames // lines + (1 if k < frames % lines else 0) for k in range(lines)]
+    images, truth = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, n in enumerate(per):
+            path = make_eval_video(Path(tmp), n, seed + k, size, SUITES[suite])
+            truth += load_ground_truth(path)
+            images += list(read_video(path))
+    return np.stack(images), truth
+
+
+def evaluate(codec: SplitCodec, frames: int = 300, seed: int = 12345, batch: int = 8,
+             suites: Sequence[str] = ("heldout", "train"), progress: bool = True) -> dict:
+    """The protocol: each suite scored, plus the encoder's cost; the first suite's figures are repeated at the
+    top level (``teacher``, ``student``, bytes), as the headline."""
+    t0 = time.perf_counter()
+    result: dict = {"seed": seed, "input_size": codec.input_size, "fingerprint": codec.fingerprint.hex(),
+                    "lines_per_suite": LINES_PER_SUITE, "suites": {}}
+    for name in suites:
+        images, truth = suite_footage(name, frames, seed, codec.input_size)
+        result["suites"][name] = score(codec, images, truth, batch, progress, desc=f"eval {name}")
+    result.update(result["suites"][suites[0]])
+    result["suite"] = suites[0]
+    result.update(codec.encoder_stats())
+    result["seconds"] = time.perf_counter() - t0
     return result
 
 
+def evaluate_footage(codec: SplitCodec, video: Path, gt: Path | None = None, batch: int = 8,
+                     progress: bool = True) -> dict:
+    """Score a user's labelled footage (a video and its ``.gt.jsonl`` truth in the format ``data`` writes)."""
+    t0 = time.perf_counter()
+    images, truth = load_footage(video, gt, codec.input_size)
+    result = {"video": str(video), "input_size": codec.input_size, "fingerprint": codec.fingerprint.hex(),
+              "suite": "footage", **score(codec, images, truth, batch, progress)}
+    result["suites"] = {"footage": {k: v for k, v in result.items() if k not in ("video", "suite")}}
+    result.update(codec.encoder_stats())
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _rows(name: str, r: dict) -> list[str]:
+    t, s = r["teacher"], r["student"]
+    rows = [f"[{name}] {r['frames']} frames",
+            f"{'':26}{'teachers (raw)':>16}{'split model':>14}"]
+    for key, label in (("items_ap50", "items found (AP50, any)"), ("box_map50_95", "box mAP50-95"),
+                       ("box_map50", "box mAP50"), ("miou", "mIoU"), ("fg_iou", "foreground IoU"),
+                       ("top1", "top-1 (station)"), ("majority_top1", "top-1 of the majority class")):
+        rows.append(f"{label:26}{t.get(key, 0):16.1f}{s.get(key, 0):14.1f}")
+    rows.append(f"payload bytes/frame: mean {r['payload_bytes_mean']:.0f}, p95 {r['payload_bytes_p95']:.0f}, "
+                f"estimate {r['estimate_bytes_mean']:.0f} (real/estimate {r['payload_vs_estimate']:.4f}); "
+                f"JPEG q90 {r['jpeg90_bytes_mean']:.0f} ({r['jpeg90_over_payload']:.1f}x the payload)")
+    return rows
+
+
 def format_table(result: dict) -> str:
-    """Human-readable summary of :func:`evaluate`'s dict."""
-    t, s = result["teacher"], result["student"]
-    belt = "its own belt" if result.get("belt_seed") is None else f"the training belt (seed {result['belt_seed']})"
-    rows = [f"eval: {result['frames']} frames, seed {result['seed']} on {belt}, unseen garments, "
-            f"{result['input_size']} px, model {result['fingerprint']}",
-            f"{'':24}{'teachers (raw)':>16}{'split model':>14}",
-            f"{'box mAP50-95':24}{t.get('box_map50_95', 0):16.1f}{s.get('box_map50_95', 0):14.1f}",
-            f"{'mIoU':24}{t.get('miou', 0):16.1f}{s.get('miou', 0):14.1f}",
-            f"{'top-1':24}{t.get('top1', 0):16.1f}{s.get('top1', 0):14.1f}",
-            f"payload bytes/frame: mean {result['payload_bytes_mean']:.0f}, p95 {result['payload_bytes_p95']:.0f}, "
-            f"estimate {result['estimate_bytes_mean']:.0f} (real/estimate {result['payload_vs_estimate']:.4f})",
-            f"JPEG q90 bytes/frame: {result['jpeg90_bytes_mean']:.0f} ({result['jpeg90_over_payload']:.1f}x the "
-            f"payload)",
-            f"encoder: {result['encoder_params']} parameters (+{result['entropy_model_params']} entropy model), "
-            f"{result['encoder_macs'] / 1e6:.1f} M MACs/frame"]
+    """Human-readable summary of :func:`evaluate`'s (or :func:`evaluate_footage`'s) dict."""
+    head = (f"eval: {result.get('video') or 'fresh conveyor lines, unseen garments'}, {result['input_size']} px, "
+            f"model {result['fingerprint']}")
+    rows = [head]
+    for name, r in result["suites"].items():
+        label = {"heldout": "held-out belt families", "train": "training belt families"}.get(name, name)
+        rows += _rows(label, r)
+    rows.append(f"encoder: {result['encoder_params']} parameters (+{result['entropy_model_params']} entropy model), "
+                f"{result['encoder_macs'] / 1e6:.1f} M MACs/frame")
     return "\n".join(rows)
 
 
-__all__ = ["evaluate", "format_table", "make_eval_video", "read_video", "TASKS"]
+__all__ = ["evaluate", "evaluate_footage", "score", "format_table", "make_eval_video", "read_video",
+           "suite_footage", "letterboxed", "SUITES", "TASKS"]

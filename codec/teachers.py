@@ -9,6 +9,7 @@ inject decoded features at the split point) and turns raw head outputs into plai
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 import pipeline.offline  # noqa: F401
+from conveyor.classes import STATION
 from ultralytics.nn.tasks import ClassificationModel, DetectionModel, SemanticSegmentationModel, load_checkpoint
 from ultralytics.utils import nms
 
@@ -68,9 +70,11 @@ class MultiTaskTeachers(nn.Module):
     state dict holds them once (under ``detect``) and a forward pass computes them once.
     """
 
-    def __init__(self, detect: DetectionModel, semantic: SemanticSegmentationModel, classify: ClassificationModel):
+    def __init__(self, detect: DetectionModel, semantic: SemanticSegmentationModel, classify: ClassificationModel,
+                 station: bool = False):
         super().__init__()
         self.detect, self.semantic, self.classify = detect, semantic, classify
+        self.station = station  # the classification head reads the station window (conveyor.classes.STATION)
         for i in range(SEM_HEAD_START):
             self.semantic.model[i] = self.detect.model[i]
         for i in range(CLS_HEAD_START):
@@ -86,7 +90,7 @@ class MultiTaskTeachers(nn.Module):
         det = DetectionModel(spec.detect_yaml, nc=spec.det_classes, verbose=False)
         sem = SemanticSegmentationModel(spec.semantic_yaml, nc=spec.sem_classes, verbose=False)
         clf = ClassificationModel(spec.classify_yaml, nc=spec.cls_classes, verbose=False)
-        return cls(det, sem, clf)
+        return cls(det, sem, clf, station=True)
 
     @classmethod
     def from_checkpoints(cls, detect: str | Path, semantic: str | Path, classify: str | Path,
@@ -141,6 +145,7 @@ class MultiTaskTeachers(nn.Module):
             "semantic_head": _head_state(self.semantic, SEM_HEAD_START),
             "classify_head": _head_state(self.classify, CLS_HEAD_START),
             "end2end": bool(getattr(self.detect, "end2end", False)),
+            "station": bool(self.station),
         }
 
     @classmethod
@@ -149,7 +154,7 @@ class MultiTaskTeachers(nn.Module):
         det = DetectionModel(dict(y["detect"]), verbose=False)
         sem = SemanticSegmentationModel(dict(y["semantic"]), verbose=False)
         clf = ClassificationModel(dict(y["classify"]), verbose=False)
-        obj = cls(det, sem, clf)
+        obj = cls(det, sem, clf, station=bool(state.get("station", False)))
         det.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["detect"].items()})
         _load_head(sem, state["semantic_head"], SEM_HEAD_START)
         _load_head(clf, state["classify_head"], CLS_HEAD_START)
@@ -189,6 +194,8 @@ class MultiTaskTeachers(nn.Module):
         if task == "segmentation":
             return run_layers(self.semantic, c, SEM_HEAD_START)
         if task == "classification":
+            if self.station:
+                c[CLS_HEAD_START - 1] = station_window(c[CLS_HEAD_START - 1])
             return run_layers(self.classify, c, CLS_HEAD_START)
         raise KeyError(f"unknown task {task!r}; expected one of {TASKS}")
 
@@ -198,6 +205,24 @@ class MultiTaskTeachers(nn.Module):
         n = _num_classes(model)
         # classify folders are numbered so Ultralytics' alphabetical order is the class order: drop "07_"
         return [re.sub(r"^\d+_", "", str(names.get(i, i))) for i in range(n)]
+
+
+def station_window(feature: torch.Tensor) -> torch.Tensor:
+    """The columns of a feature map ``(B, C, H, W)`` that see the inspection station (``STATION`` of the width):
+    what the classification head pools, so it names the item at the station rather than the whole frame."""
+    w = feature.shape[-1]
+    lo = int(math.floor(STATION[0] * w))
+    hi = max(lo + 1, int(math.ceil(STATION[1] * w)))
+    return feature[..., lo:hi]
+
+
+def station_features(teachers: "MultiTaskTeachers", x: torch.Tensor) -> torch.Tensor:
+    """The classification head's input for frames ``x`` (B, 3, S, S in 0..1): body layers up to the head, then
+    the station window."""
+    cache = {-1: x}
+    cache[0] = teachers.detect.model[0](x)
+    run_layers(teachers.detect, cache, 1, CLS_HEAD_START)
+    return station_window(cache[CLS_HEAD_START - 1])
 
 
 def postprocess(task: str, raw, input_size: int, conf: float = 0.25, iou: float = 0.7, end2end: bool = False,

@@ -33,6 +33,7 @@ from codec.config import TrainConfig, dump_config
 from codec.model import SplitModel
 from codec.student import StudentSpec
 from codec.teachers import CLS_HEAD_START, SEM_HEAD_START, MultiTaskTeachers
+from conveyor.classes import FRAME_LABELS
 from pipeline.errors import UsageError
 
 
@@ -57,36 +58,69 @@ def _dist() -> tuple[int, int, torch.device]:
 
 
 # ------------------------------------------------------------------------------------------------ data
+def _scene(args: tuple) -> object:
+    cfg, index = args
+    from conveyor.scene import SceneGenerator
+
+    global _SCENES
+    if _SCENES is None or _SCENES.cfg != cfg:
+        _SCENES = SceneGenerator(cfg)
+    return _SCENES.scene(index)
+
+
+_SCENES = None
+
+
+def scene_frames(cfg, n: int, workers: int = 1):
+    """Scenes 0..n-1 of ``cfg`` (a ``SceneConfig``) in order, rendered by ``workers`` processes."""
+    if workers <= 1:
+        from conveyor.scene import SceneGenerator
+
+        yield from SceneGenerator(cfg).frames(n)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(_scene, ((cfg, i) for i in range(n)), chunksize=16)
+
+
 def make_data(cfg: TrainConfig, run: Path) -> tuple[Path, Path]:
-    """Generate the conveyor-line datasets and the frame arrays once (atomic: temp folder, then rename)."""
-    from conveyor.export import export_datasets
-    from conveyor.line import ConveyorLine, LineConfig
+    """Render the training scenes once into Ultralytics datasets and a frame-array file (atomic: temp, rename).
+
+    Scenes are independent frames (``conveyor.scene``) with belts from ``cfg.data.belts``; the val split is the
+    tail of every 100-frame block, as for video lines."""
+    from conveyor.export import DatasetWriter
+    from conveyor.scene import SceneConfig
 
     data_dir, arrays = run / "data", run / "frames.npz"
-    line_cfg = LineConfig(size=cfg.input_size, seed=cfg.data.seed, items=cfg.data.items)
-    if not data_dir.is_dir():
-        tmp = run / "data.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        frames = tqdm(ConveyorLine(line_cfg).frames(cfg.data.frames), total=cfg.data.frames, desc="datasets",
-                      unit="frame")
-        export_datasets(frames, tmp, cfg.data.frames, cfg.data.val_fraction, final_root=data_dir)
-        tmp.rename(data_dir)
-    if not arrays.is_file():
-        images, semantic, labels = [], [], []
-        for f in tqdm(ConveyorLine(line_cfg).frames(cfg.data.frames), total=cfg.data.frames, desc="arrays",
-                      unit="frame"):
-            images.append(f.image)
-            semantic.append(f.semantic)
-            labels.append(f.label)
-        tmp = run / "frames.tmp.npz"
-        np.savez(tmp, images=np.stack(images), semantic=np.stack(semantic), labels=np.asarray(labels))
-        tmp.rename(arrays)
+    scene_cfg = SceneConfig(size=cfg.input_size, seed=cfg.data.seed, items=cfg.data.items, belts=cfg.data.belts)
+    keep = min(cfg.data.frames, cfg.data.array_frames)
+    if data_dir.is_dir() and arrays.is_file():
+        return data_dir, arrays
+    tmp = run / "data.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    writer = DatasetWriter(tmp, cfg.data.frames, cfg.data.val_fraction, final_root=data_dir)
+    images = np.zeros((keep, cfg.input_size, cfg.input_size, 3), np.uint8)
+    semantic = np.zeros((keep, cfg.input_size, cfg.input_size), np.uint8)
+    labels = np.zeros(keep, np.int64)
+    frames = tqdm(scene_frames(scene_cfg, cfg.data.frames, cfg.data.workers), total=cfg.data.frames,
+                  desc="training scenes", unit="frame")
+    for f in frames:
+        writer.write(f)
+        if f.index < keep:
+            images[f.index], semantic[f.index], labels[f.index] = f.image, f.semantic, f.label
+    tmp_arrays = run / "frames.tmp.npz"
+    np.savez(tmp_arrays, images=images, semantic=semantic, labels=labels)
+    shutil.rmtree(data_dir, ignore_errors=True)
+    tmp.rename(data_dir)
+    tmp_arrays.rename(arrays)
     return data_dir, arrays
 
 
 # ------------------------------------------------------------------------------------------------ teachers
 def train_teachers(cfg: TrainConfig, run: Path, data_dir: Path) -> MultiTaskTeachers:
-    """Detector first; then the segmentation and classification heads on its frozen backbone."""
+    """Detector first; then the segmentation head on its frozen backbone (Ultralytics trainers); then the
+    station classification head on the frozen body's features (``train_station_head``)."""
     t = cfg.teachers
     if t.detect or t.semantic or t.classify:
         if not (t.detect and t.semantic and t.classify):
@@ -95,20 +129,22 @@ def train_teachers(cfg: TrainConfig, run: Path, data_dir: Path) -> MultiTaskTeac
     from ultralytics import YOLO
 
     root = (run / "teachers").resolve()
-    common = dict(imgsz=cfg.input_size, batch=t.batch, workers=t.workers, device="cpu", plots=False, amp=False,
+    final = root / "teachers.pt"
+    if final.is_file():
+        return MultiTaskTeachers.from_state(torch.load(final, map_location="cpu", weights_only=True))
+    common = dict(imgsz=cfg.input_size, batch=t.batch, workers=t.workers, device="cpu", plots=True, amp=False,
                   seed=cfg.seed, deterministic=True, project=str(root), exist_ok=True, verbose=False,
-                  patience=1000)
+                  patience=1000, **t.train_args)
     jobs = [
-        ("detect", t.detect_yaml, data_dir / "detect" / "data.yaml", dict(epochs=t.epochs)),
+        ("detect", t.detect_yaml, data_dir / "detect" / "data.yaml",
+         dict(epochs=t.epochs, **({"time": t.time} if t.time else {}))),
         ("semantic", t.semantic_yaml, data_dir / "semantic" / "data.yaml",
-         dict(epochs=t.head_epochs, freeze=SEM_HEAD_START)),
-        ("classify", t.classify_yaml, data_dir / "classify",
-         dict(epochs=t.classify_epochs, freeze=CLS_HEAD_START, scale=0.1, erasing=0.0, auto_augment=None)),
+         dict(epochs=t.head_epochs, freeze=SEM_HEAD_START, **({"time": t.head_time} if t.head_time else {}))),
     ]
+
     def detector_bn_eps(trainer) -> None:
-        # Ultralytics gives detect/semantic models BatchNorm eps 1e-3 but classify models 1e-5: with the
-        # detector's frozen backbone copied in, the classify head would learn on features the shared body never
-        # computes. Use the detector's eps everywhere, in the model and its EMA (what the checkpoint keeps).
+        # Ultralytics gives detect/semantic models BatchNorm eps 1e-3 but classify models 1e-5: use the detector's
+        # eps everywhere, in the model and its EMA (what the checkpoint keeps), so heads see the body's features.
         for model in (trainer.model, getattr(getattr(trainer, "ema", None), "ema", None)):
             for m in (model.modules() if model is not None else ()):
                 if isinstance(m, torch.nn.BatchNorm2d):
@@ -117,16 +153,102 @@ def train_teachers(cfg: TrainConfig, run: Path, data_dir: Path) -> MultiTaskTeac
     weights = {}
     for name, yaml_file, data, extra in jobs:
         best = root / name / "weights" / "best.pt"
-        if not best.is_file():
+        last = root / name / "weights" / "last.pt"
+        if not best.is_file() or _unfinished(last):
             print(f"[train] teacher '{name}': {yaml_file} on {data}", flush=True)
-            model = YOLO(yaml_file)
-            model.add_callback("on_pretrain_routine_end", detector_bn_eps)
-            kwargs = dict(common, data=str(data), name=name, **extra)
-            if name != "detect":
-                kwargs["pretrained"] = str(weights["detect"])
-            model.train(**kwargs)
+            if _unfinished(last):
+                model = YOLO(str(last))
+                model.add_callback("on_pretrain_routine_end", detector_bn_eps)
+                model.train(resume=True)
+            else:
+                model = YOLO(yaml_file)
+                model.add_callback("on_pretrain_routine_end", detector_bn_eps)
+                kwargs = dict(common, data=str(data), name=name, **extra)
+                if name != "detect":
+                    kwargs["pretrained"] = str(weights["detect"])
+                model.train(**kwargs)
         weights[name] = best
-    return MultiTaskTeachers.from_checkpoints(weights["detect"], weights["semantic"], weights["classify"])
+    from ultralytics.nn.tasks import ClassificationModel, load_checkpoint
+
+    det, _ = load_checkpoint(str(weights["detect"]), device="cpu")
+    sem, _ = load_checkpoint(str(weights["semantic"]), device="cpu")
+    clf = ClassificationModel(t.classify_yaml, nc=len(FRAME_LABELS), verbose=False)
+    clf.names = {i: n for i, n in enumerate(FRAME_LABELS)}
+    teachers = MultiTaskTeachers(det.float(), sem.float(), clf, station=True)
+    arrays = np.load(run / "frames.npz")
+    train_station_head(teachers, arrays["images"], arrays["labels"], epochs=t.classify_epochs,
+                       log=root / "classify" / "results.csv")
+    tmp = final.with_suffix(".tmp")
+    torch.save(teachers.export_state(), tmp)
+    tmp.replace(final)
+    return teachers
+
+
+def _unfinished(last: Path) -> bool:
+    """True when an Ultralytics ``last.pt`` belongs to a run that stopped before its final epoch."""
+    if not last.is_file():
+        return False
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    return ckpt.get("epoch", -1) != -1  # Ultralytics sets epoch -1 once training has finished
+
+
+def train_station_head(teachers: MultiTaskTeachers, images: np.ndarray, labels: np.ndarray, epochs: int = 30,
+                       batch: int = 64, lr: float = 2e-3, val_fraction: float = 0.1, log: Path | None = None) -> dict:
+    """Train the classification head on the station window of the frozen body's features.
+
+    The body is frozen, so its features are computed once (a few seconds per thousand frames) and the head
+    trains on the cache; the last ``val_fraction`` of frames is held out for the learning curve in ``log``."""
+    from codec.teachers import station_features
+
+    clf = teachers.classify
+    feats = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), 32), desc="station features", unit="batch"):
+            x = torch.from_numpy(images[i:i + 32]).permute(0, 3, 1, 2).float().div(255.0)
+            feats.append(station_features(teachers, x))
+    feats_t = torch.cat(feats)
+    y = torch.from_numpy(np.asarray(labels)).long()
+    n_val = max(1, int(len(y) * val_fraction))
+    xtr, ytr, xva, yva = feats_t[:-n_val], y[:-n_val], feats_t[-n_val:], y[-n_val:]
+    head = torch.nn.Sequential(*[clf.model[i] for i in range(CLS_HEAD_START, len(clf.model))])
+    head.requires_grad_(True)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=5e-4)
+    steps = max(1, math.ceil(len(ytr) / batch))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for epoch in range(epochs):
+        head.train()
+        order = torch.randperm(len(ytr), generator=gen)
+        total = 0.0
+        for s in range(steps):
+            idx = order[s * batch:(s + 1) * batch]
+            out = head(xtr[idx])
+            logits = out[1] if isinstance(out, (tuple, list)) else out
+            loss = F.cross_entropy(logits, ytr[idx], label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+        head.eval()
+        with torch.no_grad():
+            pred = torch.cat([_probs(head(xva[i:i + 256])) for i in range(0, len(yva), 256)]).argmax(1)
+        acc = float((pred == yva).float().mean() * 100)
+        rows.append({"epoch": epoch + 1, "train_loss": total / len(ytr), "val_top1": acc})
+        print(f"[train] station head epoch {epoch + 1}/{epochs}: loss {total / len(ytr):.4f}, val top-1 {acc:.1f}",
+              flush=True)
+    clf.requires_grad_(False)
+    clf.eval()
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("epoch,train_loss,val_top1\n" + "".join(
+            f"{r['epoch']},{r['train_loss']:.5f},{r['val_top1']:.2f}\n" for r in rows))
+    return rows[-1] if rows else {}
+
+
+def _probs(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 # ------------------------------------------------------------------------------------------------ student

@@ -22,7 +22,7 @@ from pipeline.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from conveyor.line import TEXTURES
+    from conveyor.line import BELT_CHOICES
 
     parser.add_argument("--out", default="out/line", help="output folder (default: out/line; replaced atomically)")
     parser.add_argument("--frames", default="300", help="number of frames (default: 300)")
@@ -31,7 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", default="15", help="frames per second of the video and the belt (default: 15)")
     parser.add_argument("--items", default="auto",
                         help="auto (Fashion-MNIST if installed, else drawn parts), fashion or drawn (default: auto)")
-    parser.add_argument("--texture", default="gravel", help=f"belt texture: {', '.join(TEXTURES)} (default: gravel)")
+    parser.add_argument("--belts", default=None,
+                        help=f"belt family or set the seed draws its belt from: {', '.join(BELT_CHOICES)} "
+                             "(default: 'all' for a video line, 'train' for --scenes)")
+    parser.add_argument("--look", default="wide", choices=["wide", "plain"],
+                        help="'wide': randomised garments, distractors and camera per line (default); 'plain': the "
+                             "original uniform look")
+    parser.add_argument("--scenes", action="store_true",
+                        help="training data: independent frames (fresh belt, items and camera each; "
+                             "conveyor.scene) into the Ultralytics datasets; implies --dataset-only")
+    parser.add_argument("--fashion-split", default="train", choices=["train", "test"],
+                        help="Fashion-MNIST split the garments come from: 'test' for unseen garments (default: train)")
     parser.add_argument("--val-fraction", default="0.2", help="share of frames in the val split (default: 0.2)")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--video-only", action="store_true", help="write only the video and its sidecar")
@@ -96,8 +106,19 @@ def run(args: argparse.Namespace) -> int:
     vf = _number(args.val_fraction, "--val-fraction", float, 0.0, 0.9, "0.2")
     if size % 2:
         raise UsageError(f"--size {size} must be even (H.264 yuv420p); use e.g. --size 256")
-    cfg = LineConfig(size=size, fps=fps, seed=seed, items=args.items, texture=args.texture)
-    line = ConveyorLine(cfg)  # validates the config and loads the texture before anything is written
+    if args.scenes:
+        if args.video_only:
+            raise UsageError("--scenes makes independent frames for training, not a video; drop --video-only")
+        from conveyor.scene import SceneConfig, SceneGenerator
+
+        cfg = SceneConfig(size=size, seed=seed, items=args.items, belts=args.belts or "train",
+                          fashion_split=args.fashion_split)
+        line = SceneGenerator(cfg)
+        args.dataset_only = True
+    else:
+        cfg = LineConfig(size=size, fps=fps, seed=seed, items=args.items, belts=args.belts or "all", look=args.look,
+                         fashion_split=args.fashion_split)
+        line = ConveyorLine(cfg)  # validates the config before anything is written
     out = Path(args.out)
     tmp = _prepare_out(out)
     final = out.resolve()
@@ -130,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     dt = time.perf_counter() - t0
-    print(f"conveyor line: {n} frames {size}x{size} @ {fps} fps, seed {seed}, items {line.source}, "
-          f"texture {cfg.texture} -> {final}")
+    kind = "scenes" if args.scenes else f"conveyor line @ {fps} fps, belt {line.belt_family}"
+    print(f"{kind}: {n} frames {size}x{size}, seed {seed}, items {line.items.source}, belts {cfg.belts} -> {final}")
     if video is not None:
         print(f"  video     {final / 'line.mp4'} (H.264) + ground truth {final / 'line.gt.jsonl'}")
     if datasets is not None:

@@ -79,9 +79,9 @@ def parse_record(obj: dict) -> FrameTruth:
 
 
 def load_ground_truth(video_path: str | Path) -> list[FrameTruth]:
-    """Read ``<video>.gt.jsonl`` (given the video path or the sidecar path itself) into per-frame truth."""
+    """Read ``<video>.gt.jsonl`` (given the video path, or any ``.jsonl`` truth file itself) into per-frame truth."""
     p = Path(video_path)
-    side = p if p.name.endswith(".gt.jsonl") else sidecar_path(p)
+    side = p if p.name.endswith(".jsonl") else sidecar_path(p)
     if not side.is_file():
         raise FileNotFoundError(f"no ground-truth sidecar {side} for {video_path}; make one with "
                                 f"`run_pipeline.py data`")

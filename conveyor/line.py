@@ -42,13 +42,14 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from conveyor.classes import FRAME_LABELS, ITEM_NAMES, NUM_ITEMS
+from conveyor.belts import ALL_FAMILIES, BELT_SETS, draw_family, make_belt
+from conveyor.classes import FRAME_LABELS, ITEM_NAMES, NUM_ITEMS, STATION
+from conveyor.render import Camera, Sprite, distractor_sprite, garment_sprite, paste
 from pipeline.errors import UsageError
 
-TEXTURES = ("gravel", "grass", "brick")  # skimage.data images bundled with the wheel (load offline)
 ITEM_SOURCES = ("auto", "fashion", "drawn")
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-MASK_THRESHOLD = 40  # on the 0..255 garment intensity after resize + rotate
+BELT_CHOICES = tuple(BELT_SETS) + ALL_FAMILIES
 
 
 @dataclass
@@ -59,7 +60,8 @@ class LineConfig:
     fps: int = 15
     seed: int = 0
     items: str = "auto"  # 'auto' (Fashion-MNIST if installed, else drawn) | 'fashion' | 'drawn'
-    texture: str = "gravel"  # one of TEXTURES
+    belts: str = "all"  # belt family or set (conveyor.belts): 'train', 'heldout', 'all' or one family name
+    look: str = "wide"  # 'wide': randomised garments, distractors, camera (per line); 'plain': the original look
     belt_speed: float = 0.5  # frame widths per second
     density: float = 1.0  # >1 packs items closer
     min_item: float = 50.0  # item side before rotation, px at 256
@@ -73,8 +75,9 @@ class LineConfig:
     min_visible: float = 0.0015  # fraction of the frame: smaller visible items leave the detection truth
     fashion_dir: str = DEFAULT_FASHION_DIR
     fashion_split: str = "train"  # 'train' (60k) | 'test' (10k): use 'test' for a line with unseen garments
-    belt_seed: int | None = None  # the belt's look (texture tint, brightness) from this seed instead of ``seed``:
+    belt_seed: int | None = None  # the belt's look (family, colour, pattern) from this seed instead of ``seed``:
     # new items on the *same* belt, i.e. fresh footage from a camera whose line the model was trained on
+    distractors: float = 0.15  # chance that a non-garment object (background in every task) rides between items
 
     def validate(self) -> None:
         if not isinstance(self.size, int) or self.size < 64 or self.size % 2:
@@ -83,9 +86,11 @@ class LineConfig:
             raise UsageError(f"fps {self.fps!r} is out of range; use a whole number from 1 to 240, e.g. --fps 15")
         if self.items not in ITEM_SOURCES:
             raise UsageError(f"items {self.items!r} is not one of {', '.join(ITEM_SOURCES)}; use e.g. --items auto")
-        if self.texture not in TEXTURES:
-            raise UsageError(f"texture {self.texture!r} is not available offline; choose one of "
-                             f"{', '.join(TEXTURES)}, e.g. --texture gravel")
+        if self.belts not in BELT_CHOICES:
+            raise UsageError(f"belts {self.belts!r} is not a belt set or family; choose one of "
+                             f"{', '.join(BELT_CHOICES)}, e.g. --belts all")
+        if self.look not in ("wide", "plain"):
+            raise UsageError(f"look {self.look!r} must be 'wide' or 'plain'")
         if self.fashion_split not in ("train", "test"):
             raise UsageError(f"fashion_split {self.fashion_split!r} must be 'train' or 'test'")
         if not self.belt_speed > 0 or not self.density > 0:
@@ -105,6 +110,7 @@ class LineFrame:
     instance_masks: np.ndarray  # (N, H, W) bool, visible pixels
     semantic: np.ndarray  # (H, W) uint8, 0 background, class + 1
     label: int  # index into FRAME_LABELS
+    belt: str = ""  # the belt family (conveyor.belts) the frame shows
 
     @property
     def label_name(self) -> str:
@@ -137,23 +143,6 @@ def load_fashion_mnist(root: str = DEFAULT_FASHION_DIR, split: str = "train") ->
 def fashion_available(root: str = DEFAULT_FASHION_DIR, split: str = "train") -> bool:
     prefix = "train" if split == "train" else "t10k"
     return all((Path(root) / f"{prefix}-{k}-idx{n}-ubyte.gz").is_file() for k, n in (("images", 3), ("labels", 1)))
-
-
-@functools.lru_cache(maxsize=8)
-def load_texture(name: str) -> np.ndarray:
-    """A grayscale texture from ``skimage.data`` as float32 0..255; UsageError if unknown or not loadable."""
-    if name not in TEXTURES:
-        raise UsageError(f"texture {name!r} is not available offline; choose one of {', '.join(TEXTURES)}")
-    try:
-        import skimage.data
-
-        img = np.asarray(getattr(skimage.data, name)())
-    except Exception as exc:  # noqa: BLE001 - any failure means the texture cannot be used here
-        raise UsageError(f"texture {name!r} could not be loaded ({type(exc).__name__}: {exc}); choose one of "
-                         f"{', '.join(TEXTURES)}") from None
-    if img.ndim == 3:
-        img = cv2.cvtColor(img[..., :3].astype(np.uint8), cv2.COLOR_RGB2GRAY)
-    return img.astype(np.float32)
 
 
 def _poly(canvas: np.ndarray, pts, rng, value: int, s: float) -> None:
@@ -213,11 +202,77 @@ def draw_part(cls: int, rng: np.random.Generator) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------ items
 @dataclass
 class _Item:
-    cls: int
-    patch: np.ndarray  # (h, w, 3) float32 colour
-    mask: np.ndarray  # (h, w) bool
-    u: float  # belt coordinate of the patch's left edge at frame 0
+    sprite: Sprite
+    u: float  # belt coordinate of the sprite's left edge at frame 0
     y0: int  # top row
+
+    @property
+    def width(self) -> int:
+        return self.sprite.alpha.shape[1]
+
+
+class ItemSource:
+    """Garment images (Fashion-MNIST split, or drawn stand-ins) and the rule for turning one into a sprite."""
+
+    def __init__(self, items: str, fashion_dir: str, fashion_split: str) -> None:
+        self.source = items
+        if items in ("auto", "fashion"):
+            if fashion_available(fashion_dir, fashion_split):
+                self.source = "fashion"
+            elif items == "fashion":
+                raise UsageError(f"Fashion-MNIST not found in {fashion_dir}; install the Debian package "
+                                 f"dataset-fashion-mnist, or use --items drawn")
+            else:
+                self.source = "drawn"
+                print(f"warning: Fashion-MNIST not found in {fashion_dir}; drawing procedural parts instead "
+                      f"(install dataset-fashion-mnist for real garments)", file=sys.stderr)
+        if self.source == "fashion":
+            self._images, self._labels = load_fashion_mnist(fashion_dir, fashion_split)
+
+    def sprite(self, rng: np.random.Generator, side: int, max_rotation: float, style: str) -> Sprite:
+        """A random garment sprite (retries until something is visible)."""
+        while True:
+            if self.source == "fashion":
+                i = int(rng.integers(len(self._labels)))
+                cls, img = int(self._labels[i]), self._images[i]
+            else:
+                cls = int(rng.integers(NUM_ITEMS))
+                img = draw_part(cls, rng)
+            sp = garment_sprite(cls, img, rng, side, max_rotation, style)
+            if sp is not None:
+                return sp
+
+
+def frame_truth(index: int, image: np.ndarray, owner: np.ndarray, cls_of: np.ndarray,
+                min_visible_px: int, belt: str = "") -> LineFrame:
+    """Exact truth from the owner map (item index per pixel, -1 background): instance masks, boxes, the semantic
+    map and the station label (``conveyor.classes.STATION``)."""
+    n_h, n_w = owner.shape
+    semantic = np.zeros((n_h, n_w), np.uint8)
+    fg = owner >= 0
+    if len(cls_of):
+        semantic[fg] = (cls_of[owner[fg]] + 1).astype(np.uint8)
+    counts = np.bincount(owner[fg], minlength=len(cls_of)) if len(cls_of) else np.zeros(0, np.int64)
+    keep = np.flatnonzero(counts >= min_visible_px)
+    masks = owner[None] == keep[:, None, None].astype(np.int16)
+    boxes = np.zeros((len(keep), 4), np.float32)
+    for j in range(len(keep)):
+        rows = np.flatnonzero(masks[j].any(axis=1))
+        cols = np.flatnonzero(masks[j].any(axis=0))
+        boxes[j] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    label = 0
+    if len(keep):
+        lo, hi = int(round(STATION[0] * n_w)), int(round(STATION[1] * n_w))
+        xs = np.arange(n_w, dtype=np.float64)
+        col_counts = masks.sum(axis=1)  # (N, W) visible pixels per column
+        centroid = (col_counts * xs).sum(axis=1) / np.maximum(col_counts.sum(axis=1), 1)
+        inside = col_counts[:, lo:hi].sum(axis=1)
+        at_station = (centroid >= lo) & (centroid < hi)
+        if at_station.any():
+            score = np.where(at_station, inside, -1)
+            j = int(np.flatnonzero(score == score.max())[-1])  # ties: the front-most item
+            label = int(cls_of[keep[j]]) + 1
+    return LineFrame(index, image, boxes, cls_of[keep].astype(np.int64), masks, semantic, label, belt)
 
 
 class ConveyorLine:
@@ -226,20 +281,8 @@ class ConveyorLine:
     def __init__(self, cfg: LineConfig | None = None) -> None:
         self.cfg = cfg = cfg or LineConfig()
         cfg.validate()
-        self.texture = load_texture(cfg.texture)
-        self.source = cfg.items
-        if cfg.items in ("auto", "fashion"):
-            if fashion_available(cfg.fashion_dir, cfg.fashion_split):
-                self.source = "fashion"
-            elif cfg.items == "fashion":
-                raise UsageError(f"Fashion-MNIST not found in {cfg.fashion_dir}; install the Debian package "
-                                 f"dataset-fashion-mnist, or use --items drawn")
-            else:
-                self.source = "drawn"
-                print(f"warning: Fashion-MNIST not found in {cfg.fashion_dir}; drawing procedural parts instead "
-                      f"(install dataset-fashion-mnist for real garments)", file=sys.stderr)
-        if self.source == "fashion":
-            self._images, self._labels = load_fashion_mnist(cfg.fashion_dir, cfg.fashion_split)
+        self.items = ItemSource(cfg.items, cfg.fashion_dir, cfg.fashion_split)
+        self.source = self.items.source
         n = cfg.size
         self.scale = n / 256.0
         self.px_per_frame = cfg.belt_speed * n / cfg.fps
@@ -250,49 +293,23 @@ class ConveyorLine:
     # ---- static parts
     def _belt_tile(self, rng: np.random.Generator) -> np.ndarray:
         n = self.cfg.size
-        tex = cv2.resize(self.texture, (n, n), interpolation=cv2.INTER_AREA)
-        tex = np.concatenate([tex, tex[:, ::-1]], axis=1)  # mirrored: tiles seamlessly along the belt
-        tex = (tex - tex.mean()) / (tex.std() + 1e-6)
-        tint = rng.uniform(0.75, 1.0, 3).astype(np.float32)
-        base = rng.uniform(90, 140)
-        tile = (base + 28.0 * tex)[..., None] * tint[None, None, :]
+        self.belt_family = draw_family(rng, self.cfg.belts)
+        tile = make_belt(self.belt_family, rng, n, n)
         r = self.rail
         rail = np.linspace(150, 90, r, dtype=np.float32)[:, None, None] * np.ones((1, tile.shape[1], 3), np.float32)
+        rail = rail * rng.uniform(0.6, 1.3, 3).astype(np.float32)
         tile[:r] = rail
         tile[-r:] = rail[::-1]
         return np.ascontiguousarray(tile, dtype=np.float32)
 
-    def _make_item(self, rng: np.random.Generator) -> tuple[int, np.ndarray, np.ndarray]:
-        cfg = self.cfg
-        if self.source == "fashion":
-            i = int(rng.integers(len(self._labels)))
-            cls, img = int(self._labels[i]), self._images[i]
-        else:
-            cls = int(rng.integers(NUM_ITEMS))
-            img = draw_part(cls, rng)
-        side = max(4, int(round(rng.uniform(cfg.min_item, cfg.max_item) * self.scale)))
-        big = cv2.resize(img, (side, side), interpolation=cv2.INTER_LINEAR)
-        d = int(math.ceil(side * math.sqrt(2))) + 2
-        angle = float(rng.uniform(-cfg.max_rotation, cfg.max_rotation))
-        m = cv2.getRotationMatrix2D((side / 2, side / 2), angle, 1.0)
-        m[:, 2] += (d - side) / 2
-        rot = cv2.warpAffine(big, m, (d, d), flags=cv2.INTER_LINEAR, borderValue=0)
-        if rng.random() < 0.5:
-            rot = rot[:, ::-1]
-        mask = rot > MASK_THRESHOLD
-        ys, xs = np.nonzero(mask)
-        if len(ys) == 0:
-            return self._make_item(rng)
-        y1, y2, x1, x2 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        g = rot[y1:y2, x1:x2].astype(np.float32) / 255.0
-        tint = rng.uniform(0.3, 1.0, 3).astype(np.float32) * rng.uniform(0.8, 1.25)
-        patch = np.clip(255.0 * (0.2 + 0.8 * g[..., None]) * tint[None, None, :], 0, 255).astype(np.float32)
-        return cls, patch, np.ascontiguousarray(mask[y1:y2, x1:x2])
-
     def _next_item(self, rng: np.random.Generator, prev: _Item | None) -> _Item:
         cfg, n = self.cfg, self.cfg.size
-        cls, patch, mask = self._make_item(rng)
-        h, w = mask.shape
+        side = max(4, int(round(rng.uniform(cfg.min_item, cfg.max_item) * self.scale)))
+        if prev is not None and cfg.look == "wide" and rng.random() < cfg.distractors:
+            sprite = distractor_sprite(rng, self.scale)
+        else:
+            sprite = self.items.sprite(rng, side, cfg.max_rotation, "plain" if cfg.look == "plain" else "wide")
+        h, w = sprite.alpha.shape
         lo, hi = self.rail, n - self.rail - h
         y0 = int(rng.integers(lo, hi + 1)) if hi >= lo else int((n - h) // 2)
         if prev is None:
@@ -303,11 +320,11 @@ class ConveyorLine:
             if r < cfg.empty_prob:
                 gap = rng.uniform(0.4, 1.1) * n
             elif r < cfg.empty_prob + cfg.overlap_prob:
-                gap = -rng.uniform(0.15, 0.5) * min(w, prev.mask.shape[1])
+                gap = -rng.uniform(0.15, 0.5) * min(w, prev.width)
             else:
                 gap = rng.uniform(-0.05, 0.6) * mean_side / cfg.density
             u = prev.u - gap - w
-        return _Item(cls, patch, mask, float(u), y0)
+        return _Item(sprite, float(u), y0)
 
     # ---- frames
     def __iter__(self) -> Iterator[LineFrame]:
@@ -316,17 +333,19 @@ class ConveyorLine:
         tile = self._belt_tile(rng)  # always drawn, so belt_seed leaves the rest of the line unchanged
         if cfg.belt_seed is not None:
             tile = self._belt_tile(np.random.default_rng([cfg.belt_seed, 0x11E]))  # line belt_seed's belt
+        cam_rng = np.random.default_rng([cfg.seed, 0xCA3])
+        camera = Camera.draw(cam_rng, n) if cfg.look == "wide" else Camera(noise=cfg.noise)
+        camera.blur, camera.shadows = self._blur_len, 0  # motion blur follows the belt speed
+        if cfg.look == "wide":
+            camera.noise = max(camera.noise, cfg.noise) if cfg.noise > 0 else 0.0
+        else:
+            camera.noise = cfg.noise
         tw = tile.shape[1]
         phases = rng.uniform(0, 2 * math.pi, 4)
         periods = np.array([7.0, 2.3, 11.0, 5.0]) * cfg.fps * rng.uniform(0.8, 1.25, 4)
         xs_norm = (np.arange(n, dtype=np.float32) / n - 0.5)[None, :, None]
-        kernel = None
-        if self._blur_len > 1:
-            kernel = np.zeros((1, self._blur_len), np.float32)
-            kernel[:] = 1.0 / self._blur_len
         items: list[_Item] = []
         last: _Item | None = None
-        col = n // 2
         t = 0
         while True:
             shift = t * self.px_per_frame
@@ -340,56 +359,29 @@ class ConveyorLine:
             painted: list[int] = []
             for it in items:
                 x0 = int(round(it.u + shift))
-                h, w = it.mask.shape
-                if x0 >= n or x0 + w <= 0:
+                if x0 >= n or x0 + it.width <= 0:
                     continue
-                a, b = max(0, x0), min(n, x0 + w)
-                m = it.mask[:, a - x0:b - x0]
                 k = len(painted)
-                painted.append(it.cls)
-                img[it.y0:it.y0 + h, a:b][m] = it.patch[:, a - x0:b - x0][m]
-                owner[it.y0:it.y0 + h, a:b][m] = k
-            # lighting drift, motion blur, noise
+                if it.sprite.cls >= 0:
+                    painted.append(it.sprite.cls)
+                paste(img, owner, it.sprite, x0, it.y0, k, shadow=0.35 if cfg.look == "wide" else 0.0)
+            # lighting drift, then the line's camera (fixed perspective, blur along the belt, noise)
             ph = 2 * math.pi * t / periods + phases
             gain = 1.0 + cfg.lighting * math.sin(ph[0]) + 0.4 * cfg.lighting * math.sin(ph[1])
             slope = 0.8 * cfg.lighting * math.sin(ph[2])
             img *= (gain * (1.0 + slope * xs_norm)).astype(np.float32)
-            if kernel is not None:
-                img = cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REPLICATE)
-            if cfg.noise > 0:
-                nrng = np.random.default_rng([cfg.seed, 0x7015E, t])
-                img += nrng.standard_normal(img.shape, dtype=np.float32) * np.float32(cfg.noise)
+            if cfg.look == "wide":
+                img = camera.light(img, np.random.default_rng([cfg.seed, 0x5AD]))
+            img, owner = camera.optics(img, owner, np.random.default_rng([cfg.seed, 0x9E0]),
+                                       np.random.default_rng([cfg.seed, 0x7015E, t]))
             image = np.clip(img + 0.5, 0, 255).astype(np.uint8)
-            yield self._truth(t, image, owner, np.asarray(painted, np.int64), col)
+            yield frame_truth(t, image, owner, np.asarray(painted, np.int64), self.min_visible_px, self.belt_family)
             t += 1
-
-    def _truth(self, t: int, image: np.ndarray, owner: np.ndarray, cls_of: np.ndarray, col: int) -> LineFrame:
-        n = self.cfg.size
-        semantic = np.zeros((n, n), np.uint8)
-        fg = owner >= 0
-        if len(cls_of):
-            semantic[fg] = (cls_of[owner[fg]] + 1).astype(np.uint8)
-        counts = np.bincount(owner[fg], minlength=len(cls_of)) if len(cls_of) else np.zeros(0, np.int64)
-        keep = np.flatnonzero(counts >= self.min_visible_px)
-        masks = owner[None] == keep[:, None, None].astype(np.int16)
-        boxes = np.zeros((len(keep), 4), np.float32)
-        for j in range(len(keep)):
-            rows = np.flatnonzero(masks[j].any(axis=1))
-            cols = np.flatnonzero(masks[j].any(axis=0))
-            boxes[j] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
-        label = 0
-        if len(keep):
-            on_line = masks[:, :, col].sum(axis=1)
-            best = int(on_line.max())
-            if best > 0:
-                j = int(np.flatnonzero(on_line == best)[-1])  # ties: the front-most item
-                label = int(cls_of[keep[j]]) + 1
-        return LineFrame(t, image, boxes, cls_of[keep].astype(np.int64), masks, semantic, label)
 
     def frames(self, n: int) -> Iterator[LineFrame]:
         """The first ``n`` frames of the line (a fresh start each call)."""
         return islice(iter(self), n)
 
 
-__all__ = ["LineConfig", "LineFrame", "ConveyorLine", "TEXTURES", "ITEM_NAMES", "FRAME_LABELS",
-           "load_fashion_mnist", "draw_part", "load_texture"]
+__all__ = ["LineConfig", "LineFrame", "ConveyorLine", "ItemSource", "frame_truth", "ITEM_NAMES", "FRAME_LABELS",
+           "load_fashion_mnist", "draw_part"]

@@ -168,9 +168,37 @@ def test_eval_json_has_the_documented_keys(checkpoint):
                 "encoder_params", "encoder_macs", "jpeg90_bytes_mean"):
         assert key in result
     for side in ("teacher", "student"):
-        assert set(result[side]) >= {"box_map50_95", "miou", "top1"}
-    assert result["frames"] == 6
+        assert set(result[side]) >= {"items_ap50", "box_map50_95", "box_map50", "box_ap_per_class", "miou", "fg_iou",
+                                     "top1", "majority_top1"}
+    assert result["frames"] == 6 and result["suite"] == "heldout"
+    assert set(result["suites"]) == {"heldout", "train"} and result["suites"]["train"]["frames"] == 6
     assert result["payload_bytes_mean"] > 0
+
+
+def test_eval_scores_labelled_footage_of_any_size(checkpoint, tmp_path):
+    """`eval --video V --gt GT`: a non-square clip in the format `data` writes, letterboxed like the pipeline."""
+    from conveyor.export import write_video
+    from conveyor.line import ConveyorLine, LineConfig
+
+    video = tmp_path / "clip.mp4"
+    frames = list(ConveyorLine(LineConfig(size=96, seed=3)).frames(5))
+    for f in frames:  # crop to 96x64: the truth must be cropped alike
+        f.image, f.semantic = f.image[16:80], f.semantic[16:80]
+        f.instance_masks = f.instance_masks[:, 16:80]
+        f.boxes = f.boxes.copy()
+        f.boxes[:, [1, 3]] = np.clip(f.boxes[:, [1, 3]] - 16, 0, 64)
+    write_video(frames, video, 15)
+    gt = tmp_path / "truth.jsonl"
+    (tmp_path / "clip.gt.jsonl").rename(gt)
+    proc = subprocess.run([sys.executable, "run_pipeline.py", "eval", "--checkpoint", str(checkpoint),
+                           "--video", str(video), "--gt", str(gt), "--json"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["suite"] == "footage" and result["frames"] == 5 and result["student"]["majority_top1"] > 0
+    bad = subprocess.run([sys.executable, "run_pipeline.py", "eval", "--checkpoint", str(checkpoint),
+                          "--video", str(video)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "clip.gt.jsonl" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_eval_with_a_missing_checkpoint_exits_2(tmp_path):

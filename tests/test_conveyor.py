@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 import pipeline.offline  # noqa: F401  (before ultralytics)
-from conveyor.classes import FRAME_LABELS, ITEM_NAMES, SEMANTIC_NAMES
+from conveyor.belts import ALL_FAMILIES, HELDOUT_FAMILIES, TRAIN_FAMILIES, make_belt
+from conveyor.classes import FRAME_LABELS, ITEM_NAMES, SEMANTIC_NAMES, STATION
 from conveyor.groundtruth import load_ground_truth
 from conveyor.line import ConveyorLine, LineConfig
+from conveyor.scene import SceneConfig, SceneGenerator
 from pipeline.cli import main as cli_main
 
 SIZE, N = 96, 24
@@ -50,14 +52,14 @@ def _check_truth(f, size):
         assert (x1, y1, x2, y2) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # ...exactly
         assert 0 <= x1 < x2 <= size and 0 <= y1 < y2 <= size  # clipped at the border
         assert (f.semantic[m] == c + 1).all()  # every mask pixel has its box's semantic class
-    # inspection-line rule
-    col = size // 2
-    counts = f.instance_masks[:, :, col].sum(axis=1) if n else np.zeros(0)
-    if n == 0 or counts.max() == 0:
-        assert f.label == 0
-    else:
-        j = np.flatnonzero(counts == counts.max())[-1]
-        assert f.label == f.classes[j] + 1
+    # station rule, recomputed here from the instance masks: centroid in the band, most pixels in the band wins
+    lo, hi = round(STATION[0] * size), round(STATION[1] * size)
+    best, want = -1, 0
+    for j, m in enumerate(f.instance_masks):
+        ys, xs = np.nonzero(m)
+        if lo <= xs.mean() < hi and m[:, lo:hi].sum() >= best:
+            best, want = m[:, lo:hi].sum(), int(f.classes[j]) + 1
+    assert f.label == want
 
 
 def test_class_names():
@@ -74,6 +76,36 @@ def test_truth_is_exact_and_consistent():
         _check_truth(f, SIZE)
     assert sum(len(f.classes) for f in frames) > 20
     assert any(f.label > 0 for f in frames)
+
+
+def test_scenes_exact_independent_and_deterministic():
+    gen = SceneGenerator(SceneConfig(size=SIZE, seed=4))
+    frames = list(gen.frames(40))
+    for f in frames:
+        _check_truth(f, SIZE)
+    assert sum(len(f.classes) for f in frames) > 40 and len({f.label for f in frames}) > 3
+    again = SceneGenerator(SceneConfig(size=SIZE, seed=4)).scene(17)  # any frame alone, same bytes
+    assert np.array_equal(again.image, frames[17].image) and np.array_equal(again.semantic, frames[17].semantic)
+    other = SceneGenerator(SceneConfig(size=SIZE, seed=5)).scene(17)
+    assert not np.array_equal(other.image, frames[17].image)
+    # independent frames: consecutive scenes share no belt (unlike a video line, where frames overlap)
+    corr = np.corrcoef(frames[0].image.ravel().astype(float), frames[1].image.ravel().astype(float))[0, 1]
+    assert abs(corr) < 0.5
+
+
+def test_belt_families_split_and_draw():
+    assert set(TRAIN_FAMILIES).isdisjoint(HELDOUT_FAMILIES)
+    rng = np.random.default_rng(0)
+    for fam in ALL_FAMILIES:
+        tile = make_belt(fam, rng, 32, 32)
+        assert tile.shape == (32, 64, 3) and tile.dtype == np.float32 and 0 <= tile.min() and tile.max() <= 255
+        assert np.allclose(tile[:, :32], tile[:, 32:][:, ::-1])  # mirrored: seamless along the belt
+    # training scenes draw only training families; a held-out line draws only held-out ones
+    seen = {f.belt for f in SceneGenerator(SceneConfig(size=64, seed=1, compression=False)).frames(40)}
+    assert seen <= set(TRAIN_FAMILIES) and len(seen) > 3
+    line = ConveyorLine(LineConfig(size=64, seed=2, belts="heldout"))
+    next(iter(line))
+    assert line.belt_family in HELDOUT_FAMILIES
 
 
 def test_line_deterministic_and_seed_dependent():
@@ -171,7 +203,7 @@ def test_datasets_load_through_ultralytics(made):
 
 
 @pytest.mark.parametrize("bad, needle", [
-    (["--texture", "wood"], "wood"),
+    (["--belts", "wood"], "wood"),
     (["--frames", "many"], "many"),
     (["--size", "7"], "7"),
     (["--items", "socks"], "socks"),
