@@ -123,6 +123,15 @@ _PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200]
                      [0, 128, 128], [220, 190, 255], [170, 110, 40], [128, 0, 0]], np.uint8)
 
 
+def station_columns(w: int, h: int) -> tuple[int, int]:
+    """The inspection station's borders (``conveyor.classes.STATION`` of the square model input) in the columns of
+    a ``w`` x ``h`` original frame, through the centred letterbox the edge applies."""
+    from conveyor.classes import STATION
+
+    side = max(w, h)
+    return tuple(int(round(min(w - 1, max(0.0, w / 2 + (f - 0.5) * side)))) for f in STATION)
+
+
 def annotate(image: np.ndarray, fr: FrameResult, shared: dict | None = None, alpha: float = 0.4) -> np.ndarray:
     """Draw boxes, the segmentation overlay (class 0 = background, left clear) and the label with cv2."""
     import cv2
@@ -149,7 +158,11 @@ def annotate(image: np.ndarray, fr: FrameResult, shared: dict | None = None, alp
         lab = int(clf["label"])
         text = cn[lab] if 0 <= lab < len(cn) else str(lab)
         p = clf["top5"][0][1] if clf.get("top5") else 0.0
-        cv2.putText(out, f"{text} {p:.2f}", (2, 12), cv2.FONT_HERSHEY_PLAIN, 0.9, (255, 255, 255), 1)
+        h, w = out.shape[:2]
+        for x in station_columns(w, h):  # the inspection station the label speaks about
+            for y in range(0, h, 6):
+                cv2.line(out, (x, y), (x, min(h - 1, y + 2)), (255, 255, 255), 1)
+        cv2.putText(out, f"station: {text} {p:.2f}", (2, 12), cv2.FONT_HERSHEY_PLAIN, 0.9, (255, 255, 255), 1)
     if fr.errors:
         cv2.putText(out, "err: " + ",".join(fr.errors), (2, out.shape[0] - 4), cv2.FONT_HERSHEY_PLAIN, 0.8,
                     (255, 0, 0), 1)
