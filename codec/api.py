@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from codec.entropy_coder import get_coder, latent_from_symbols, symbols_from_latent
+from codec.payload import EncodedFrame
 from codec.student import EdgeEncoder, StudentSpec, count_macs
 from compressai.entropy_models import EntropyBottleneck
 from compressai.models.utils import update_registered_buffers
@@ -41,15 +42,6 @@ class ForeignBitstreamError(CodecError):
 
 class CheckpointError(CodecError):
     """A checkpoint from another architecture, another format, or without CDF tables."""
-
-
-@dataclass(frozen=True)
-class EncodedFrame:
-    """One frame's entropy-coded latent. ``fingerprint`` (when set) must match the decoder's model."""
-
-    payload: bytes
-    latent_shape: tuple[int, int, int]
-    fingerprint: bytes | None = None
 
 
 @dataclass

@@ -20,10 +20,12 @@ zigzag varint per escaped symbol in channel-major raster order.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch only for type hints: the ONNX edge runs this module without PyTorch
+    import torch
 
 
 class EntropyCoder(Protocol):
@@ -47,14 +49,16 @@ def _tables(eb) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return cdf, length, offset
 
 
-def symbols_from_latent(eb, y: torch.Tensor) -> np.ndarray:
+def symbols_from_latent(eb, y: "torch.Tensor") -> np.ndarray:
     """The integers ``EntropyBottleneck.compress`` codes for latent ``y`` (B,C,H,W): round(y - medians)."""
     medians = eb._get_medians().detach()
     return eb.quantize(y, "symbols", medians).cpu().numpy().astype(np.int32)
 
 
-def latent_from_symbols(eb, symbols: np.ndarray) -> torch.Tensor:
+def latent_from_symbols(eb, symbols: np.ndarray) -> "torch.Tensor":
     """The dequantised latent (what ``EntropyBottleneck.decompress`` returns) from decoded symbols."""
+    import torch
+
     medians = eb._get_medians().detach()
     return eb.dequantize(torch.from_numpy(np.asarray(symbols, dtype=np.int32)), medians)
 
@@ -153,11 +157,16 @@ class ConstrictionCoder:
 
     name = "constriction"
 
-    def __init__(self, eb):
+    def __init__(self, eb=None, tables: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
+        """From an entropy model ``eb``, or from its ``(quantized_cdf, cdf_length, offset)`` arrays (no PyTorch)."""
         import constriction
         Categorical = constriction.stream.model.Categorical
 
-        cdf, length, offset = _tables(eb)
+        if tables is None:
+            cdf, length, offset = _tables(eb)
+        else:
+            cdf, length, offset = (np.asarray(t, np.int64) for t in tables)
+            length, offset = length.reshape(-1), offset.reshape(-1)
         self.channels = len(length)
         self.offset = offset
         self.max_value = length - 2  # the escape symbol of each channel, as in CompressAI's rANS

@@ -445,9 +445,13 @@ def export_default(cfg: TrainConfig, final: Path) -> None:
     export.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(final, export)
     dump_config(cfg, export.with_suffix(".yaml"))
-    load_codec(export).save_edge(export.with_suffix(".edge.pt"))
-    print(f"[train] exported {export} (+ {export.with_suffix('.edge.pt').name}, {export.with_suffix('.yaml').name})",
-          flush=True)
+    codec = load_codec(export)
+    codec.save_edge(export.with_suffix(".edge.pt"))
+    from codec.edge_onnx import export_edge
+
+    onnx_path, npz_path = export_edge(codec, export)  # the torch-free device half; fails unless symbols match
+    print(f"[train] exported {export} (+ {export.with_suffix('.edge.pt').name}, {onnx_path.name}, {npz_path.name}, "
+          f"{export.with_suffix('.yaml').name})", flush=True)
 
 
 def train(cfg: TrainConfig, resume: bool = False, only_beta: float | None = None,

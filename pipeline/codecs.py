@@ -1,7 +1,8 @@
 """Which codec a stage uses, from one string, with one instance per process.
 
 ``checkpoint`` values: ``None`` / ``"default"`` -> the shipped model (``codec.api.load_codec(None)``); a file
-path -> ``load_codec(path)``; ``"random:SIZE[:SEED]"`` -> ``SplitCodec.random(input_size=SIZE, seed=SEED)``,
+path -> ``load_codec(path)``; for the edge, a ``.onnx`` path -> ``codec.edge_onnx.OnnxEdgeCodec`` (the device
+half without PyTorch: onnxruntime + constriction); ``"random:SIZE[:SEED]"`` -> ``SplitCodec.random(input_size=SIZE, seed=SEED)``,
 a randomly initialised model **for plumbing tests only** (the demo never falls back to it).
 Edge and server stages in one process share the instance (it is cached by spec).
 """
@@ -28,10 +29,21 @@ def get_codec(spec: Any = None, edge_only: bool = False):
             return _CACHE[(key, "full")]
         if edge_only and (key, "edge") in _CACHE:
             return _CACHE[(key, "edge")]
+        if key.endswith(".onnx"):
+            if not edge_only:
+                raise UsageError(f"checkpoint {spec!r} is an ONNX edge export: the server needs the full .pt "
+                                 f"checkpoint (e.g. models/default.pt)")
+            from codec.edge_onnx import EdgeExportError, OnnxEdgeCodec
+            try:
+                codec = OnnxEdgeCodec(key)
+            except (FileNotFoundError, EdgeExportError) as exc:
+                raise UsageError(str(exc)) from exc
+            _CACHE[(key, "edge")] = codec
+            return codec
         try:
             from codec import api
         except ModuleNotFoundError as exc:  # pragma: no cover - codec is part of the project
-            raise UsageError(f"the codec package is not available ({exc}); it arrives with issue #3") from exc
+            raise UsageError(f"the codec package is not available ({exc})") from exc
         if key.startswith("random:"):
             parts = key.split(":")
             try:

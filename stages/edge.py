@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-import pipeline.offline  # noqa: F401  (before ultralytics)
+import pipeline.offline  # noqa: F401  (before ultralytics, which only letterbox_params imports)
 from pipeline.codecs import get_codec
 from pipeline.errors import UsageError
 from pipeline.stage import Frame, Letterbox, Packet, Stage, register_stage
@@ -22,9 +22,20 @@ def letterbox_params(orig_w: int, orig_h: int, size: int) -> Letterbox:
 
 
 def letterbox_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Fit an (H, W, 3) frame into the square model input with Ultralytics' LetterBox (pad value 114)."""
-    from ultralytics.data.augment import LetterBox
-    return LetterBox(new_shape=(size, size), auto=False, scaleup=True, center=True)(image=image)
+    """Fit an (H, W, 3) frame into the square model input exactly as Ultralytics' ``LetterBox(auto=False,
+    scaleup=True, center=True)`` does (bilinear resize, pad value 114), in OpenCV alone: the device imports no
+    PyTorch or Ultralytics (tested equal to Ultralytics' own)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    r = min(size / h, size / w)
+    new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
+    dw, dh = (size - new_w) / 2, (size - new_h) / 2
+    if (w, h) != (new_w, new_h):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    top, bottom = round(dh - 0.1), round(dh + 0.1)
+    left, right = round(dw - 0.1), round(dw + 0.1)
+    return cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(114, 114, 114))
 
 
 @register_stage
