@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoints", nargs="+", metavar="SPLIT_PT",
                    help="split-model checkpoints, one per beta (default: runs/default/beta_*/split.pt if present, "
                         "else models/default.pt)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
-                   help="folder for report.md, plots, results.json, config.yaml (default: benchmarks/results)")
+    p.add_argument("--out", default=None,
+                   help="folder for report.md, plots, results.json, config.yaml (default: benchmarks/results; "
+                        "with --quick a new temporary folder, so a quick run never overwrites the full report)")
     p.add_argument("--quick", action="store_true",
                    help="a few frames and settings, no namespaces, no subprocess probes (under 3 minutes)")
     p.add_argument("--frames", type=int, help="frames of the fresh conveyor line (default 64, --quick 6)")
@@ -107,7 +109,10 @@ def machine() -> dict:
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
-    out = Path(args.out)
+    if args.out is None:
+        out = Path(tempfile.mkdtemp(prefix="ladon-bench-quick-")) if args.quick else ROOT / "benchmarks" / "results"
+    else:
+        out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -87,6 +87,14 @@ def device_cost(codec, frames: np.ndarray, cfg: dict, checkpoint: str, jpeg_q: i
     if cfg["probes"]:
         out["edge_process"] = probe("edge", checkpoint, max(5, reps))
         out["local_process"] = probe("local", checkpoint, max(5, reps))
+        from codec.edge_onnx import edge_paths
+
+        onnx_path = edge_paths(checkpoint)[0]
+        if onnx_path.is_file():
+            out["edge_onnx_process"] = probe("edge-onnx", str(onnx_path), max(5, reps))
+        else:
+            log.warning("no ONNX edge export beside %s (python -m codec.edge_onnx --checkpoint %s)", checkpoint,
+                        checkpoint)
     out["encoder_speedup_vs_local_1thread"] = out["three_models_s_1thread"] / out["encode_s_1thread"]
     log.info("device cost: %s", {k: v for k, v in out.items() if not isinstance(v, dict)})
     return out

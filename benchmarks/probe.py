@@ -11,7 +11,35 @@ import time
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """This process's own peak resident memory (VmHWM). ``ru_maxrss`` would do on a fresh process, but Linux
+    carries a parent's peak across exec, so a probe started by the bench would report the bench's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # not Linux: best effort (KiB)
+
+
+def edge_onnx(args) -> dict:
+    """The torch-free edge: ``codec.edge_onnx.OnnxEdgeCodec`` (onnxruntime + constriction) encodes frames."""
+    t0 = time.perf_counter()
+    import numpy as np
+
+    from codec.edge_onnx import OnnxEdgeCodec
+    codec = OnnxEdgeCodec(args.checkpoint, threads=args.threads)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (args.frames, codec.input_size, codec.input_size, 3), dtype=np.uint8)
+    times = []
+    for f in frames:
+        t = time.perf_counter()
+        codec.encode(f[None])
+        times.append(time.perf_counter() - t)
+    return {"kind": "edge-onnx", "load_s": load_s, "encode_s_median": float(np.median(times[1:] or times)),
+            "peak_rss_mb": _rss_mb(), "imports_torch": "torch" in sys.modules}
 
 
 def edge(args) -> dict:
@@ -112,7 +140,7 @@ def send(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.probe")
     sub = p.add_subparsers(dest="kind", required=True)
-    for name in ("edge", "local"):
+    for name in ("edge", "edge-onnx", "local"):
         s = sub.add_parser(name)
         s.add_argument("checkpoint")
         s.add_argument("--frames", type=int, default=20)
@@ -126,7 +154,9 @@ def main(argv=None) -> int:
     s.add_argument("payloads")
     s.add_argument("--gap", type=float, default=0.2)
     args = p.parse_args(argv)
-    if args.kind in ("edge", "local"):
+    if args.kind == "edge-onnx":
+        result = edge_onnx(args)
+    elif args.kind in ("edge", "local"):
         import contextlib
         import logging
 

@@ -157,13 +157,17 @@ def markdown(r: dict) -> str:
           f"{1e3 * dev['server_split_s_default']:.2f} |", ""]
     if "edge_process" in dev:
         e, lo = dev["edge_process"], dev["local_process"]
-        L += [f"Peak resident memory of a fresh process (`resource.getrusage` ru_maxrss): edge process that loads "
-              f"only `codec.api.load_edge` and encodes frames **{e['peak_rss_mb']:.0f} MB** (load {e['load_s']:.1f} s, "
-              f"encode {1e3 * e['encode_s_median']:.2f} ms/frame); full-local process with the three models "
-              f"**{lo['peak_rss_mb']:.0f} MB** ({1e3 * lo['three_models_s_median']:.1f} ms/frame). Most of the edge "
-              f"figure is the runtime the encoder runs on (PyTorch, a CUDA build here, and CompressAI; the edge "
-              f"imports no Ultralytics), not the 0.1 MB encoder: exporting the encoder's tensor part (for example "
-              f"to ONNX) is how a small device would shed it.", ""]
+        L += ["Each device process measured alone (its own VmHWM, one thread):", "",
+              "| device process | imports | load s | encode ms/frame | peak RSS MB |", "|---|---|---:|---:|---:|",
+              f"| edge, PyTorch (`codec.api.load_edge`) | torch, compressai | {e['load_s']:.2f} | "
+              f"{1e3 * e['encode_s_median']:.2f} | {e['peak_rss_mb']:.0f} |"]
+        o = dev.get("edge_onnx_process")
+        if o:
+            L.append(f"| edge, ONNX (`codec.edge_onnx`, same bytes) | onnxruntime, constriction"
+                     f"{', torch' if o['imports_torch'] else ''} | {o['load_s']:.2f} | "
+                     f"{1e3 * o['encode_s_median']:.2f} | {o['peak_rss_mb']:.0f} |")
+        L += [f"| full local: the three YOLO models | torch, ultralytics | | {1e3 * lo['three_models_s_median']:.1f} "
+              f"| {lo['peak_rss_mb']:.0f} |", ""]
     L += ["## End-to-end latency", "",
           "Model: device time (1 thread) + bytes x 8 / bandwidth + server time (the faster of 1 thread and default "
           "threads on this machine; with 2 cores shared with other jobs, multi-threaded timings are noisy). Offload "
