@@ -288,18 +288,51 @@ def _load_eb(eb: EntropyBottleneck, state: dict) -> None:
         raise CheckpointError(f"entropy model does not fit this architecture: {str(exc).splitlines()[0]}") from exc
 
 
+_EXPECTED = (f"expected a split-model checkpoint (a torch dict with format {FORMAT!r}, written by "
+             f"`run_pipeline.py train`, like models/default.pt)")
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why torch.load refused a file, in a few words from its first bytes (torch's own text runs to 7 lines)."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    after = [ln for prev, ln in zip(lines, lines[1:]) if prev.endswith("WeightsUnpickler error:")]
+    detail = (after or lines or [type(exc).__name__])[0][:120]
+    code = "safe_globals" in text or "Unsupported global" in text  # it names a class or function to import
+    if not head:
+        return "is empty (0 bytes)"
+    if code:
+        return ("holds pickled code (a whole saved model or object, such as an Ultralytics .pt), which is never "
+                "loaded here")
+    if head == b"PK\x03\x04":
+        return f"is a zip archive but not a readable PyTorch file ({detail})"
+    if head[:1] == b"\x80":
+        return f"is a pickle but not a readable PyTorch file ({detail})"
+    return "is not a PyTorch file (neither a zip archive nor a pickle: random bytes or text?)"
+
+
 def _read_checkpoint(path: str | Path | None, want_edge_ok: bool) -> dict:
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give the checkpoint file itself ({_EXPECTED})")
     if not path.is_file():
         hint = (" (the default model ships in models/; restore it with `git checkout models/` or train one with "
                 "`python run_pipeline.py train --config configs/train/default.yaml`)") if path == DEFAULT_CHECKPOINT \
             else ""
         raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
+    import warnings
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols: noise on top of the one-line error
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same error for the user
-        raise CheckpointError(f"{path} is not a readable split-model checkpoint: {exc}") from exc
-    fmt = state.get("format") if isinstance(state, dict) else None
+        raise CheckpointError(f"checkpoint {path} {_unreadable(path, exc)}; {_EXPECTED}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict with a `format` "
+                              f"entry; {_EXPECTED}")
+    fmt = state.get("format")
     ok = {FORMAT, FORMAT + "-edge"} if want_edge_ok else {FORMAT}
     if fmt not in ok:
         raise CheckpointError(f"{path} has format {fmt!r}, expected {sorted(ok)} (is it an Ultralytics .pt? "

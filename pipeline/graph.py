@@ -17,6 +17,10 @@ YAML schema::
 A string that is exactly ``${NAME}`` takes the variable's value with its type; ``${NAME}`` inside a longer
 string is replaced by its text. Errors name the file, the key path (``stages[2].inputs``) and what is allowed.
 
+Loading is bounded (see :func:`load_yaml`): a config file is at most 1 MiB of UTF-8 text, nests at most 64
+levels and holds at most 100,000 YAML nodes counted with every alias (``*name``) expanded, so a "billion
+laughs" alias bomb or a binary file is refused with one line instead of hanging or raising a traceback.
+
 Runtime: each stage runs in its own thread, connected by bounded ``queue.Queue``s; a stage's output goes to
 every stage that lists it as an input (fan-out). A message marked ``live`` that finds a full queue replaces
 the oldest queued message (counted as a drop: live latency stays bounded); everything else waits (replay is
@@ -41,15 +45,19 @@ from typing import Any, Callable
 
 import yaml
 
-from pipeline.errors import UsageError
+from pipeline.errors import IncompleteInput, UsageError
 from pipeline.stage import (EndOfStream, Source, Stage, StageContext, StageStats, as_list, available_stages,
                             create_stage, get_stage_class)
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a ${NAME} variable's name
+_VAR = re.compile(r"\$\{(" + VAR_NAME.pattern + r")\}")
 GRAPH_KEYS = {"name", "description", "queue_size", "vars", "stages"}
 STAGE_KEYS = {"name", "key", "inputs", "params", "queue_size"}
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "pipelines"
+MAX_CONFIG_BYTES = 1 << 20  # a graph config is a few kB; anything near this is not one
+MAX_YAML_NODES = 100_000  # nodes with aliases expanded: the shipped graphs have a few hundred
+MAX_YAML_DEPTH = 64  # nesting levels (the composer recurses once per level)
 
 
 @dataclass
@@ -79,6 +87,9 @@ def resolve_config(path_or_name: str) -> Path:
     p = Path(path_or_name)
     if p.is_file():
         return p
+    if p.is_dir():
+        raise UsageError(f"graph config {path_or_name!r} is a folder; give a YAML file such as "
+                         f"{CONFIG_DIR / 'demo.yaml'} (or a name from configs/pipelines/)")
     for cand in (CONFIG_DIR / path_or_name, CONFIG_DIR / f"{path_or_name}.yaml"):
         if cand.is_file():
             return cand
@@ -179,6 +190,34 @@ def parse_graph(data: Any, file: str = "<memory>", variables: dict[str, Any] | N
     return GraphSpec(name, stages, qs, str(data.get("description", "")), variables, file)
 
 
+def graph_variables(path_or_name: str) -> set[str]:
+    """The variables a graph config knows: declared under ``vars:`` or used as ``${NAME}`` in stage params.
+
+    What ``run --set NAME=...`` may name; checked before anything slow starts (a misspelt name would otherwise
+    be ignored without a word)."""
+    path = resolve_config(path_or_name)
+    data = load_yaml(read_config_text(path), str(path))
+    if not isinstance(data, dict):
+        return set()
+    defaults, stages = data.get("vars"), data.get("stages")
+    known = set(defaults) if isinstance(defaults, dict) else set()
+    for raw in stages if isinstance(stages, list) else []:
+        if isinstance(raw, dict):
+            known |= _referenced(raw.get("params"))
+    return {str(k) for k in known}
+
+
+def _referenced(value: Any) -> set[str]:
+    """The ${NAME} variables a (params) value uses."""
+    if isinstance(value, str):
+        return set(_VAR.findall(value))
+    if isinstance(value, dict):
+        return set().union(*(_referenced(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_referenced(v) for v in value))
+    return set()
+
+
 def _topo_order(stages: list[StageSpec], file: str) -> list[StageSpec]:
     by = {s.name: s for s in stages}
     order, state = [], {}
@@ -199,14 +238,104 @@ def _topo_order(stages: list[StageSpec], file: str) -> list[StageSpec]:
     return order
 
 
+class _YamlLimit(yaml.MarkedYAMLError):
+    """A document over the size limits of :class:`_BoundedLoader` (reported like a syntax error)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses what could exhaust memory or the stack once loaded.
+
+    Aliases stay allowed (``<<: *defaults`` is handy in a graph), but every node is counted as often as aliases
+    repeat it, so nine levels of nine aliases (a 1 kB file that expands to 387 million strings) stop at
+    MAX_YAML_NODES while still being composed, before anything walks the expanded tree. An alias to a node that
+    contains it (a recursive structure) and nesting deeper than MAX_YAML_DEPTH are refused too."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}  # id(node) -> node count with aliases expanded (finished nodes only)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            target = self.anchors.get(event.anchor)
+            if target is not None and id(target) not in self._sizes:
+                raise _YamlLimit(None, None, f"alias *{event.anchor} points into the node that contains it "
+                                             f"(a recursive structure)", event.start_mark)
+            return super().compose_node(parent, index)
+        start = self.peek_event().start_mark
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise _YamlLimit(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", start)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        size = 1 + sum(self._sizes.get(id(c), 1) for c in children)
+        if size > MAX_YAML_NODES:
+            raise _YamlLimit(None, None, f"more than {MAX_YAML_NODES:,} nodes once the aliases (*name) are "
+                                         f"expanded (an alias bomb?)", start)
+        self._sizes[id(node)] = size
+        return node
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: the problem and its line/column (PyYAML's own text spans several lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context = f" ({exc.context})" if exc.context and exc.problem else ""
+        return f"{exc.problem or exc.context or type(exc).__name__}{context}{where}"
+    return " ".join(str(exc).split())
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """Parse YAML text with :class:`_BoundedLoader`; any problem becomes one UsageError line naming ``what``."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except _YamlLimit as exc:
+        raise UsageError(f"{what}: refused to load: {_yaml_problem(exc)}; a graph needs a few hundred YAML nodes, "
+                         f"write the values out instead") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{what}: not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:  # the constructor recurses too; the depth bound should keep it from getting here
+        raise UsageError(f"{what}: nested too deeply to load") from None
+    finally:
+        loader.dispose()
+
+
+def read_config_text(path: Path) -> str:
+    """A config file's text: at most MAX_CONFIG_BYTES of UTF-8 (a binary or huge file is no graph config)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise UsageError(f"{path}: {size:,} bytes is too large for a graph config (at most "
+                             f"{MAX_CONFIG_BYTES:,}); give a YAML graph file such as {CONFIG_DIR / 'demo.yaml'}")
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not a text file (byte 0x{data[exc.start]:02x} at offset {exc.start} is not "
+                         f"UTF-8); give a YAML graph file such as {CONFIG_DIR / 'demo.yaml'}") from None
+    if "\x00" in text:
+        raise UsageError(f"{path}: a binary file (it holds NUL bytes); give a YAML graph file such as "
+                         f"{CONFIG_DIR / 'demo.yaml'}")
+    return text
+
+
 def load_graph(path: str | Path, variables: dict[str, Any] | None = None) -> GraphSpec:
     path = resolve_config(str(path))
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML: {exc}") from exc
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc}") from exc
+    data = load_yaml(read_config_text(path), str(path))
     return parse_graph(data, str(path), variables)
 
 
@@ -245,6 +374,7 @@ class GraphRunner:
             for i in s.inputs:
                 self.nodes[i].down.append(self.nodes[s.name])
         self.errors: list[str] = []
+        self.incomplete: list[str] = []  # sources whose input ended early or had unreadable parts
 
     # ---- message passing
     def _emit(self, node: _Node, msg: Any) -> None:
@@ -277,6 +407,11 @@ class GraphRunner:
             self.log(traceback.format_exc())
         self.stop.set()
 
+    def _incomplete(self, node: _Node, exc: IncompleteInput) -> None:
+        """A source lost part of its input: say so now, let the frames it did read finish (no stop)."""
+        self.incomplete.append(str(exc))
+        self.log(f"[{self.spec.name}] warning: stage {node.spec.name!r} ({node.spec.key}): {exc}")
+
     def _run_source(self, node: _Node) -> None:
         stage = node.stage
         try:
@@ -288,6 +423,8 @@ class GraphRunner:
                     break
             if hasattr(it, "close"):
                 it.close()
+        except IncompleteInput as exc:
+            self._incomplete(node, exc)
         except BaseException as exc:  # noqa: BLE001 - report and shut the graph down cleanly
             self._fail(node, exc)
         self._finish(node)
@@ -363,10 +500,11 @@ class GraphRunner:
             node.thread.start()
 
     def wait(self, poll: float = 0.2) -> int:
+        """Join every stage: 1 when a stage failed, 2 when a source's input was incomplete, else 0."""
         for node in self.nodes.values():
             while node.thread.is_alive():
                 node.thread.join(poll)
-        return 1 if self.errors else 0
+        return 1 if self.errors else 2 if self.incomplete else 0
 
     def run(self) -> int:
         self.open()

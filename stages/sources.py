@@ -3,6 +3,12 @@
 Every frame leaves a source as :class:`pipeline.stage.Frame` with stream id, frame index (from 0) and the
 capture timestamp (``time.time_ns()``). Files and folders are replays (lossless: ``live=False``); cameras,
 network streams and the conveyor generator are live (``live=True``: dropped under load, counted).
+
+A replay loses nothing silently: a file or folder with no readable frame is refused when the source opens
+(UsageError), and one that ends early (a video cut short: fewer frames than its index lists, a partial packet,
+a decoding error, frames that did not decode) or holds unreadable images raises
+:class:`pipeline.errors.IncompleteInput` after its last readable frame, so the run finishes those frames and
+then exits 2 with the counts.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from typing import Iterator
 import av
 import numpy as np
 
-from pipeline.errors import UsageError
+from pipeline.errors import IncompleteInput, UsageError
 from pipeline.stage import Frame, Source, register_stage
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -101,25 +107,72 @@ class VideoFileSource(_Base):
                     raise UsageError(f"{self.path!r} has no video stream")
                 s = c.streams.video[0]
                 self.fps = float(s.average_rate or s.guessed_rate or 25)
+                self.declared = int(s.frames or 0)  # the container's index (mp4/mov); 0 when it has none
+                first = next(c.decode(s), None)
         except av.error.FFmpegError as exc:
-            raise UsageError(f"cannot read video {self.path!r}: {exc} (unsupported or corrupt file)") from exc
+            raise UsageError(f"cannot read video {self.path!r}: {exc} (an unsupported, corrupt or truncated "
+                             f"file)") from exc
+        if first is None:
+            listed = f" (its index lists {self.declared} frames)" if self.declared else ""
+            raise UsageError(f"video {self.path!r} has no decodable frame{listed}: the file is truncated or "
+                             f"corrupt; re-record or re-export it")
 
     def frames(self) -> Iterator[Frame]:
         fps = self.fps if self.rate == "native" else (None if self.rate == "max" else self.rate)
         pacer = _Pacer(fps)
         while True:
-            got = 0
-            with av.open(self.path) as c:
-                s = c.streams.video[0]
-                s.thread_type = "AUTO"
-                for vf in c.decode(s):
-                    if not self._more():
-                        return
-                    pacer.wait(self.ctx.stop)
-                    got += 1
-                    yield self._frame(vf.to_ndarray(format="rgb24"))
-            if not self.loop or got == 0:
+            read = _ReadCount()
+            try:
+                with av.open(self.path) as c:
+                    s = c.streams.video[0]
+                    s.thread_type = "AUTO"
+                    for vf in read.frames(c, s):
+                        if not self._more():
+                            return
+                        pacer.wait(self.ctx.stop)
+                        yield self._frame(vf.to_ndarray(format="rgb24"))
+            except av.error.FFmpegError as exc:
+                raise IncompleteInput(f"video {self.path!r}: decoding failed after {read.decoded} frames "
+                                      f"({exc}); the file is truncated or corrupt and the rest of it was not "
+                                      f"replayed") from exc
+            lost = read.shortfall(self.declared)
+            if lost:
+                raise IncompleteInput(f"video {self.path!r} {lost}: the file is truncated or corrupt; "
+                                      f"the {read.decoded} frames read were replayed, the rest is lost")
+            if not self.loop or read.decoded == 0:
                 return
+
+
+class _ReadCount:
+    """Decodes a video stream packet by packet, counting what the demuxer and the decoder deliver.
+
+    Frame-threaded decoding (``thread_type = "AUTO"``) drops a broken frame without raising, so a file cut in
+    half used to end early and quietly; these counts are how :meth:`shortfall` notices."""
+
+    def __init__(self):
+        self.packets = 0  # packets with data that the decoder was meant to output
+        self.partial = 0  # packets the demuxer flagged corrupt (e.g. cut off by the end of the file)
+        self.decoded = 0
+
+    def frames(self, container, stream) -> Iterator[av.VideoFrame]:
+        for pkt in container.demux(stream):
+            if pkt.size:  # the last, empty packet only flushes the decoder
+                self.packets += 0 if pkt.is_discard else 1
+                self.partial += 1 if pkt.is_corrupt else 0
+            for vf in pkt.decode():
+                self.decoded += 1
+                yield vf
+
+    def shortfall(self, declared: int) -> str:
+        """What was lost, as words ('' when nothing): against the container's index and the packets read."""
+        if declared and self.packets < declared:
+            return f"ended after {self.decoded} of the {declared} frames its index lists"
+        if self.partial:
+            return f"ended in {self.partial} partial packet(s) after {self.decoded} frames"
+        if self.decoded < self.packets:
+            return f"gave {self.decoded} frames from {self.packets} packets ({self.packets - self.decoded} did " \
+                   f"not decode)"
+        return ""
 
 
 @register_stage
@@ -135,27 +188,46 @@ class ImageFolderSource(_Base):
         self.loop = bool(loop)
 
     def open(self, ctx) -> None:
+        import cv2
         super().open(ctx)
         if not self.path.is_dir():
             raise UsageError(f"image folder {str(self.path)!r} does not exist")
-        self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        entries = [p for p in self.path.iterdir() if p.is_file()]
+        self.files = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTS)
+        n_other = len(entries) - len(self.files)
+        others = f"; {n_other} other file(s) ignored" if n_other else ""
         if not self.files:
-            raise UsageError(f"image folder {str(self.path)!r} holds no images ({', '.join(IMAGE_EXTS)})")
+            raise UsageError(f"image folder {str(self.path)!r} holds no images ({', '.join(IMAGE_EXTS)}){others}")
+        if all(cv2.imread(str(p), cv2.IMREAD_COLOR) is None for p in self.files):  # stops at the first good one
+            raise UsageError(f"image folder {str(self.path)!r}: none of its {len(self.files)} image file(s) can be "
+                             f"read (first: {self.files[0].name}); they are corrupt or not images{others}")
 
     def frames(self) -> Iterator[Frame]:
         import cv2
         pacer = _Pacer(None if self.rate in ("max", "native") else self.rate)
+        skipped: list[Path] = []
+        for p in self._paths():
+            img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+            if img is None:
+                self.ctx.log(f"[{self.ctx.name}] skipping unreadable image {p}")
+                self.ctx.stats.errors += 1
+                skipped.append(p)
+                continue
+            pacer.wait(self.ctx.stop)
+            yield self._frame(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+        if skipped:
+            bad = sorted({p.name for p in skipped})
+            names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+            raise IncompleteInput(f"image folder {str(self.path)!r}: {len(bad)} unreadable image(s) skipped "
+                                  f"({names}); the {self.count} readable ones were replayed")
+
+    def _paths(self) -> Iterator[Path]:
+        """The files in name order (over and over with ``loop``) while frames are still wanted."""
         while True:
             for p in self.files:
                 if not self._more():
                     return
-                img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-                if img is None:
-                    self.ctx.log(f"[{self.ctx.name}] skipping unreadable image {p}")
-                    self.ctx.stats.errors += 1
-                    continue
-                pacer.wait(self.ctx.stop)
-                yield self._frame(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+                yield p
             if not self.loop:
                 return
 

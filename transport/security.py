@@ -30,20 +30,46 @@ def needs_security(endpoint: str) -> bool:
 
 
 def _load(path, what: str, secret: bool):
+    """Read a key file made by ``run_pipeline.py keys``: ``secret=True`` wants NAME.key_secret (the pair),
+    ``secret=False`` the other side's public NAME.key. A secret file where a public key belongs is refused:
+    it works, but it means a secret key is being handed around (copied to edges or allowed folders)."""
     import zmq.auth
     if path in (None, ""):
         raise UsageError(f"{what}: no key file given")
     p = Path(str(path))
+    want = "a secret key file (NAME.key_secret)" if secret else "a public key file (NAME.key)"
+    if p.is_dir():
+        raise UsageError(f"{what} {str(p)!r} is a folder; give {want} made by `run_pipeline.py keys`")
     if not p.is_file():
         raise UsageError(f"{what} {str(p)!r} does not exist; make key pairs with "
                          f"`run_pipeline.py keys --out DIR --name NAME`")
     try:
         public, sec = zmq.auth.load_certificate(str(p))
     except (ValueError, OSError) as exc:
-        raise UsageError(f"{what} {str(p)!r} is not a CurveZMQ certificate: {exc}") from exc
+        raise UsageError(f"{what} {str(p)!r} is not a CurveZMQ certificate ({' '.join(str(exc).split())}); "
+                         f"give {want} made by `run_pipeline.py keys`") from exc
+    if not all(_is_z85_key(k) for k in (public, sec) if k is not None):
+        raise UsageError(f"{what} {str(p)!r} holds a malformed key (a CurveZMQ key is 40 Z85 characters); "
+                         f"give {want} made by `run_pipeline.py keys`")
     if secret and not sec:
-        raise UsageError(f"{what} {str(p)!r} holds no secret key; give the NAME.key_secret file")
+        raise UsageError(f"{what} {str(p)!r} is a public key file and holds no secret key; give the "
+                         f"NAME.key_secret file of the same pair")
+    if not secret and sec:
+        raise UsageError(f"{what} {str(p)!r} is a SECRET key file (it has a secret-key entry); a public key is "
+                         f"expected here: give {p.name.removesuffix('_secret')} (NAME.key) and keep the secret file "
+                         f"on its own machine")
     return public, sec
+
+
+def _is_z85_key(key: bytes) -> bool:
+    """A 32-byte CurveZMQ key in its 40-character Z85 text form."""
+    from zmq.utils import z85
+    if len(key) != 40:
+        return False
+    try:
+        return len(z85.decode(key)) == 32
+    except Exception:  # noqa: BLE001 - any failure to decode (bad character, overflow) means a malformed key
+        return False
 
 
 @dataclass
@@ -107,9 +133,14 @@ def server_security(endpoint: str, secret_key=None, allowed_keys=None, insecure:
     if secret_key in (None, "") or allowed_keys in (None, ""):
         raise UsageError(f"{who} {endpoint}: give both the server key (--key NAME.key_secret) and the directory "
                          f"of allowed client public keys (--allowed-keys DIR)")
-    if not Path(str(allowed_keys)).is_dir():
-        raise UsageError(f"{who}: allowed-keys directory {str(allowed_keys)!r} does not exist (put each edge's "
-                         f"NAME.key there)")
+    allowed = Path(str(allowed_keys))
+    if allowed.is_file():
+        raise UsageError(f"{who}: allowed keys {str(allowed_keys)!r} is a file; a folder of public keys is expected "
+                         f"(--allowed-keys DIR holding each allowed edge's or worker's NAME.key, e.g. made with "
+                         f"`run_pipeline.py keys --out keys --name cam1 --allow keys/allowed`)")
+    if not allowed.is_dir():
+        raise UsageError(f"{who}: allowed-keys folder {str(allowed_keys)!r} does not exist (put each allowed edge's "
+                         f"and worker's NAME.key there, e.g. with `run_pipeline.py keys ... --allow DIR`)")
     if not zmq.has("curve"):
         raise UsageError("this libzmq has no CURVE support; install pyzmq with libsodium or use --insecure")
     public, secret = _load(secret_key, f"{who} key", secret=True)
@@ -152,7 +183,12 @@ def make_keypair(out_dir: str | Path, name: str, force: bool = False) -> tuple[P
     """Write NAME.key (public, 0644) and NAME.key_secret (secret, 0600) into out_dir."""
     import zmq.auth
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"key folder {str(out)!r} is a file; --out wants a folder (made when missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot make the key folder {str(out)!r}: {exc.strerror or exc}") from None
     pub, sec = out / f"{name}.key", out / f"{name}.key_secret"
     if not force and (pub.exists() or sec.exists()):
         raise UsageError(f"{pub} or {sec} already exists; pass --force to replace the key pair")

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.errors import UsageError
+from pipeline.errors import IncompleteInput, UsageError
 from pipeline.graph import GraphRunner, GraphSpec, StageSpec, load_graph
 
 
@@ -90,6 +90,8 @@ class _Signals:
 
 
 def run_graph(spec: GraphSpec, summary_path: Path | None = None, quiet: bool = False) -> int:
+    """Run the graph to its end and print/write the summary. Returns 0, or 1 when a stage failed; raises
+    IncompleteInput (exit 2) after the summary when a replayed input ended early or had unreadable parts."""
     if quiet:
         drop_console(spec)
     stop = threading.Event()
@@ -107,6 +109,8 @@ def run_graph(spec: GraphSpec, summary_path: Path | None = None, quiet: bool = F
     if summary_path is not None:
         summary_path.parent.mkdir(parents=True, exist_ok=True)
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if rc == 2:
+        raise IncompleteInput("; ".join(runner.incomplete))
     return rc
 
 
@@ -116,7 +120,8 @@ def summarize(runner: GraphRunner, wall: float) -> dict:
         s = node.stats
         st[name] = {"key": node.spec.key, "processed": s.processed, "dropped": s.dropped, "errors": s.errors,
                     "mean_ms": round(s.busy_s * 1000 / s.processed, 3) if s.processed else None, **s.extra}
-    return {"graph": runner.spec.name, "wall_s": round(wall, 3), "stages": st, "errors": list(runner.errors)}
+    return {"graph": runner.spec.name, "wall_s": round(wall, 3), "stages": st, "errors": list(runner.errors),
+            "incomplete_input": list(runner.incomplete)}
 
 
 def format_summary(s: dict) -> str:

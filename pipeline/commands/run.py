@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.commands._common import add_common, check_max_frames, list_stages, load, run_graph
 from pipeline.errors import UsageError
+from pipeline.graph import VAR_NAME, graph_variables, load_yaml
 
 DEMO_FRAMES = 150
 
@@ -24,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", default="native", help="replay pace of a file: native (its own frame rate), max (as "
                                                      "fast as possible) or FPS (default: native)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="set a ${NAME} variable of the graph YAML (repeatable)")
+                   help="set a ${NAME} variable of the graph YAML, one it declares under `vars:` or uses "
+                        "(repeatable; VALUE is read as YAML)")
     p.add_argument("--insecure", action="store_true",
                    help="run tcp links without CurveZMQ (by default throwaway keys are made in OUT/keys)")
     add_common(p)
@@ -56,14 +58,22 @@ def make_demo_video(path: Path, frames: int = DEMO_FRAMES, size: int = 256, fps:
     return path
 
 
-def _parse_sets(items: list[str]) -> dict:
-    import yaml
+def _parse_sets(items: list[str], config: str) -> dict:
+    """``--set NAME=VALUE`` pairs; VALUE is read as YAML (``3``, ``true``, ``null``, ``[a, b]``), bounded.
+    A NAME the graph neither declares under `vars:` nor uses as ${NAME} is refused: it would do nothing."""
     out = {}
     for it in items:
-        if "=" not in it:
-            raise UsageError(f"--set {it!r}: use NAME=VALUE")
-        k, v = it.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        k, eq, v = it.partition("=")
+        k = k.strip()
+        if not eq or not VAR_NAME.fullmatch(k):
+            raise UsageError(f"--set {it!r}: use NAME=VALUE with NAME a graph variable (letters, digits, _)")
+        out[k] = load_yaml(v, f"--set {k}")
+    if out:
+        known = graph_variables(config)
+        unknown = [k for k in out if k not in known]
+        if unknown:
+            raise UsageError(f"--set {unknown[0]}: graph {config!r} has no variable {unknown[0]!r}; known: "
+                             f"{', '.join(sorted(known)) or 'none'}")
     return out
 
 
@@ -71,6 +81,7 @@ def run(args) -> int:
     if args.list_stages:
         return list_stages()
     check_max_frames(args.max_frames)
+    sets = _parse_sets(args.set, args.config or "demo")
     out = Path(args.out)
     variables = {"out": str(out), "rate": args.rate, "max_frames": args.max_frames,
                  "endpoint": f"tcp://127.0.0.1:{free_port()}", "checkpoint": args.checkpoint}
@@ -94,7 +105,7 @@ def run(args) -> int:
         from transport.security import demo_keys
         variables.update(demo_keys(out / "keys"))
         variables["insecure"] = False
-    variables.update(_parse_sets(args.set))
+    variables.update(sets)
     variables = {k: v for k, v in variables.items() if not (v is None and k in ("source",))}
     spec = load(args.config or "demo", variables)
     rc = run_graph(spec, out / "summary.json", quiet=args.quiet)
