@@ -140,6 +140,9 @@ def test_key_files_of_the_wrong_kind(tmp_path):
     (tmp_path / "junk.key").write_text('public-key = "tooshort"\n')
     one_error_line(cli(*edge, "--server-key", str(tmp_path / "junk.key")), "junk.key", "40 Z85")
     one_error_line(cli("keys", "--out", str(tmp_path / "junk.key"), "--name", "x"), "junk.key", "is a file")
+    one_error_line(cli("keys", "--out", str(keys), "--name", "cam2", "--allow", str(keys / "cam1.key")),
+                   "cam1.key", "is a file", "--allowed-keys")
+    assert not (keys / "cam2.key").exists()  # refused before anything is written
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

@@ -32,12 +32,21 @@ def run(args) -> int:
     for name in args.name:
         if not _NAME.match(name):
             raise UsageError(f"--name {name!r}: use letters, digits, _ . - (it becomes the file name)")
+    if args.allow:
+        allow = Path(args.allow)
+        if allow.exists() and not allow.is_dir():
+            raise UsageError(f"--allow {allow} is a file; give the folder the server reads with --allowed-keys "
+                             f"(it is created if missing), e.g. --allow keys/allowed")
+        try:
+            allow.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--allow {allow}: cannot create the folder ({exc.strerror or exc}); pick a writable "
+                             f"path, e.g. --allow keys/allowed") from None
     for name in args.name:
         pub, sec = make_keypair(args.out, name, force=args.force)
         print(f"wrote {pub} (public, 0644) and {sec} (secret, 0600)")
         if args.allow:
             d = Path(args.allow)
-            d.mkdir(parents=True, exist_ok=True)
             (d / pub.name).write_bytes(pub.read_bytes())
             (d / pub.name).chmod(0o644)
             print(f"allowed {name}: {d / pub.name}")
