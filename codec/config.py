@@ -40,6 +40,8 @@ class TeacherConfig:
     batch: int = 32
     workers: int = 2
     train_args: dict = field(default_factory=dict)  # more Ultralytics train() arguments, e.g. {nbs: 16, flipud: 0.5}
+    detect_init: str | None = None  # start the detector from these Ultralytics weights (continue an earlier run,
+    # e.g. models/teachers/detect.pt) instead of from scratch; the heads are then trained anew on its backbone
     detect: str | None = None  # bring-your-own checkpoints (all three, sharing the detector's backbone)
     semantic: str | None = None
     classify: str | None = None

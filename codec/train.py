@@ -155,13 +155,17 @@ def train_teachers(cfg: TrainConfig, run: Path, data_dir: Path) -> MultiTaskTeac
         best = root / name / "weights" / "best.pt"
         last = root / name / "weights" / "last.pt"
         if not best.is_file() or _unfinished(last):
-            print(f"[train] teacher '{name}': {yaml_file} on {data}", flush=True)
+            start = t.detect_init if name == "detect" and t.detect_init else yaml_file
+            print(f"[train] teacher '{name}': {start} on {data}", flush=True)
             if _unfinished(last):
                 model = YOLO(str(last))
                 model.add_callback("on_pretrain_routine_end", detector_bn_eps)
                 model.train(resume=True)
             else:
-                model = YOLO(yaml_file)
+                if start != yaml_file and not Path(start).is_file():
+                    raise UsageError(f"teachers.detect_init {start}: no such file; give an Ultralytics detector "
+                                     f"checkpoint such as models/teachers/detect.pt, or leave it unset")
+                model = YOLO(start)
                 model.add_callback("on_pretrain_routine_end", detector_bn_eps)
                 kwargs = dict(common, data=str(data), name=name, **extra)
                 if name != "detect":
