@@ -218,7 +218,13 @@ def _load_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    for mod in ("stages.sources", "stages.edge", "stages.server", "stages.consumers", "stages.sinks", "stages.workers"):
+    for mod in ("stages.sources", "stages.edge", "stages.server", "stages.consumers", "stages.sinks", "stages.workers",
+                "stages.factory.tracking",
+                "stages.factory.counting",
+                "stages.factory.events",
+                "stages.factory.mqtt_sink",
+                "stages.factory.metrics",
+                ):
         importlib.import_module(mod)
 
 
