@@ -23,28 +23,33 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # not Linux: best effort (KiB)
 
 
-def edge_onnx(args) -> dict:
-    """The torch-free edge: ``codec.edge_onnx.OnnxEdgeCodec`` (onnxruntime + constriction) encodes frames."""
-    t0 = time.perf_counter()
+def _encode_timing(codec, n: int) -> float:
+    """Median seconds per frame of ``codec.encode`` at batch 1 on ``n`` random frames (the first one is warm-up)."""
     import numpy as np
 
-    from codec.edge_onnx import OnnxEdgeCodec
-    codec = OnnxEdgeCodec(args.checkpoint, threads=args.threads)
-    load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
-    frames = rng.integers(0, 256, (args.frames, codec.input_size, codec.input_size, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, (n, codec.input_size, codec.input_size, 3), dtype=np.uint8)
     times = []
     for f in frames:
         t = time.perf_counter()
         codec.encode(f[None])
         times.append(time.perf_counter() - t)
-    return {"kind": "edge-onnx", "load_s": load_s, "encode_s_median": float(np.median(times[1:] or times)),
+    return float(np.median(times[1:] or times))
+
+
+def edge_onnx(args) -> dict:
+    """The torch-free edge: ``codec.edge_onnx.OnnxEdgeCodec`` (onnxruntime + constriction) encodes frames."""
+    t0 = time.perf_counter()
+    from codec.edge_onnx import OnnxEdgeCodec
+
+    codec = OnnxEdgeCodec(args.checkpoint, threads=args.threads)
+    load_s = time.perf_counter() - t0
+    return {"kind": "edge-onnx", "load_s": load_s, "encode_s_median": _encode_timing(codec, args.frames),
             "peak_rss_mb": _rss_mb(), "imports_torch": "torch" in sys.modules}
 
 
 def edge(args) -> dict:
     """Load only codec.api.load_edge(path) and encode frames at batch 1."""
-    import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)
@@ -53,14 +58,7 @@ def edge(args) -> dict:
 
     codec = load_edge(args.checkpoint)
     load_s = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    frames = rng.integers(0, 256, (args.frames, codec.input_size, codec.input_size, 3), dtype=np.uint8)
-    times = []
-    for f in frames:
-        t = time.perf_counter()
-        codec.encode(f[None])
-        times.append(time.perf_counter() - t)
-    return {"kind": "edge", "load_s": load_s, "encode_s_median": float(np.median(times[1:] or times)),
+    return {"kind": "edge", "load_s": load_s, "encode_s_median": _encode_timing(codec, args.frames),
             "peak_rss_mb": _rss_mb()}
 
 
