@@ -19,7 +19,12 @@ class ServerReceive(Source):
     when finished: its JSONL line written (the sink's CommitLog), or on emission when the graph has no JSONL
     sink. ``exit_on_eos``: end once every stream has sent end-of-stream and all its frames are finished
     (on SIGINT/SIGTERM it still waits up to ``drain_s``); otherwise run until stopped. tcp:// needs the server
-    key pair (``secret_key``) and a folder of allowed edge public keys (``allowed_keys``) unless ``insecure``."""
+    key pair (``secret_key``) and a folder of allowed edge public keys (``allowed_keys``) unless ``insecure``.
+
+    Limits (transport.session.ServerSession): ``max_payload`` bytes per frame, ``max_frame_side`` pixels for the
+    original frame's width and height a frame may declare (default 4096: the video sink and the result mapping
+    work at that size), ``window`` frames in flight per stream; a stream belongs to the key that opened it
+    (``owner_timeout_s``: how long its owner may be silent before another key can take it over)."""
     key = "server.receive"
     live = False
 
@@ -27,7 +32,7 @@ class ServerReceive(Source):
                  max_frames=None, hwm: int = 16, drain_s: float = 10.0, idle_timeout_s: float | None = None,
                  window: int = 8, secret_key: str | None = None, allowed_keys: str | None = None,
                  insecure: bool = False, max_payload: int = 4 * 1024 * 1024, status_s: float = 0.0,
-                 bye_grace_s: float = 8.0):
+                 bye_grace_s: float = 8.0, max_frame_side: int = 4096, owner_timeout_s: float = 3.0):
         from pipeline.errors import UsageError
         from transport.link import check_endpoint
         from transport.security import server_security
@@ -40,6 +45,16 @@ class ServerReceive(Source):
         self.bye_grace_s = float(bye_grace_s)
         if self.window < 1:
             raise UsageError(f"server.receive window {window!r}: give the frames in flight per stream, >= 1")
+        try:
+            self.max_frame_side = int(max_frame_side)
+        except (TypeError, ValueError):
+            self.max_frame_side = 0
+        if not 1 <= self.max_frame_side <= wire.MAX_SIDE:
+            raise UsageError(f"server.receive max_frame_side {max_frame_side!r}: give the largest original frame "
+                             f"width/height to accept, 1..{wire.MAX_SIDE} pixels (default 4096)")
+        self.owner_timeout_s = float(owner_timeout_s)
+        if self.owner_timeout_s <= 0:
+            raise UsageError(f"server.receive owner_timeout_s {owner_timeout_s!r}: give seconds > 0 (default 3)")
         self.security = server_security(endpoint, secret_key, allowed_keys, bool(insecure), who="server")
 
     def open(self, ctx) -> None:
@@ -54,7 +69,8 @@ class ServerReceive(Source):
         self.commit = ctx.shared.setdefault("commit", CommitLog())
         self.session = ServerSession(self.endpoint, self.codec.fingerprint, self.latent_shape, self.commit,
                                      security=self.security, window=self.window, max_payload=self.max_payload,
-                                     log=ctx.log, bind=self.bind, name=ctx.name)
+                                     log=ctx.log, bind=self.bind, name=ctx.name,
+                                     max_frame_side=self.max_frame_side, owner_timeout_s=self.owner_timeout_s)
         ctx.shared["server_endpoint"] = self.session.endpoint
         ctx.shared["link_status"] = self.session.status
         self.refused = self.session.refused

@@ -11,14 +11,22 @@ counted as lost and acknowledged so the edge's credit comes back.
 
 worker -> dispatcher: ``R`` json ``{"capacity": n}`` (hello and heartbeat); ``O`` <IQ stream, index + JSON
 (``null``: the frame could not be decoded). dispatcher -> worker: ``J`` wire message.
+
+Every worker message passes the checks of :mod:`transport.control` (part count, size, nesting depth, exact types
+and ranges, finite numbers) before it is used; what fails is refused and counted (``refused`` in the summary),
+logged at most once per kind per worker per interval. A failure inside the dispatcher's I/O thread stops the
+server with exit 1 and a message naming it (after ``fatal_exit_s`` at the latest), never a silent hang.
 """
 from __future__ import annotations
 
 import json
+import os
 import queue
 import struct
+import sys
 import threading
 import time
+import traceback
 from collections import OrderedDict, deque
 from typing import Iterator
 
@@ -27,10 +35,25 @@ import zmq
 from pipeline.codecs import get_codec
 from pipeline.errors import UsageError
 from pipeline.stage import FrameResult, Packet, ResultRecord, Source, Stage, register_stage
-from transport import wire
+from transport import control, wire
+from transport.control import ControlError
 
 K_READY, K_RESULT, K_JOB = b"R", b"O", b"J"
 _KEY = struct.Struct("<IQ")
+MAX_PARTS = 4  # routing id, kind, key, result
+
+
+class PartsError(ControlError):
+    """A worker message with more parts than any message of the protocol (dropped part by part)."""
+
+
+class ResultError(ControlError):
+    """A worker result that is not the JSON object of the frame it answers (the frame is then finished without
+    a result, as if it could not be decoded)."""
+
+
+class InternalError(ControlError):
+    """Handling one worker message raised an unexpected exception (a bug): that message is dropped."""
 
 
 class _Worker:
@@ -49,12 +72,14 @@ class Dispatch(Stage):
     emits = (ResultRecord,)
 
     def __init__(self, endpoint: str = "tcp://*:5557", secret_key: str | None = None, allowed_keys: str | None = None,
-                 insecure: bool = False, worker_timeout_s: float = 2.0, max_queued: int = 64, drain_s: float = 60.0):
+                 insecure: bool = False, worker_timeout_s: float = 2.0, max_queued: int = 64, drain_s: float = 60.0,
+                 fatal_exit_s: float = 30.0):
         from transport.link import check_endpoint
         from transport.security import server_security
         self.endpoint = check_endpoint(endpoint, "server.dispatch endpoint")
         self.security = server_security(endpoint, secret_key, allowed_keys, bool(insecure), who="dispatch")
         self.worker_timeout_s, self.max_queued, self.drain_s = float(worker_timeout_s), int(max_queued), float(drain_s)
+        self.fatal_exit_s = float(fatal_exit_s or 0)
         if self.max_queued < 1:
             raise UsageError("server.dispatch max_queued must be >= 1")
 
@@ -69,9 +94,12 @@ class Dispatch(Stage):
         self.inflight = 0
         self.closing = False
         self.lost_live = self.handed_over = 0
+        self.failed: str | None = None
+        self._watchdog: threading.Timer | None = None
+        self.refusals = control.RefusalLog(ctx.log, ctx.name)
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, control.RESULT.max_bytes + 64)  # per part: the largest is a result
         self.security.apply(self.sock)
         try:
             self.sock.bind(self.endpoint)
@@ -92,8 +120,11 @@ class Dispatch(Stage):
     # ------------------------------------------------------------------ graph thread
     def process(self, p: Packet):
         with self.cond:
-            while self.queued + self.inflight >= self.max_queued and not self.ctx.stop.is_set():
+            while self.queued + self.inflight >= self.max_queued and not self.ctx.stop.is_set() \
+                    and self.failed is None:
                 self.cond.wait(0.1)
+            if self.failed is not None:
+                raise RuntimeError(self.failed)
             self.queues.setdefault(p.stream, deque()).append(p)
             self.order.setdefault(p.stream, deque()).append(p.index)
             self.queued += 1
@@ -103,6 +134,13 @@ class Dispatch(Stage):
     def close(self):
         if getattr(self, "thread", None) is None:
             return None
+        if self.failed is not None:  # the I/O thread is gone: nothing more will come back from a worker
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self.thread = None
+            self.sock.close(0)
+            self.ctx.stats.extra.update(self._extra())
+            raise RuntimeError(self.failed)
         deadline = time.monotonic() + self.drain_s
         with self.cond:
             while (self.queued or self.inflight or any(self.order.values())) and time.monotonic() < deadline:
@@ -120,10 +158,43 @@ class Dispatch(Stage):
         return None
 
     def _extra(self) -> dict:
-        return {"workers": len(self.workers), "handed_over": self.handed_over, "lost_live": self.lost_live}
+        return {"workers": len(self.workers), "handed_over": self.handed_over, "lost_live": self.lost_live,
+                "refused": dict(self.refusals.counts)}
+
+    def _refuse(self, exc: Exception, frames) -> None:
+        from transport.session import ServerSession
+        self.refusals.refuse(exc, ServerSession._sender(frames), ServerSession._peer(frames))
+        self.ctx.stats.errors += 1
 
     # ------------------------------------------------------------------ I/O thread
     def _io(self) -> None:
+        """The I/O thread. Whatever kills it stops the server with exit 1 and says why (:meth:`_die`)."""
+        try:
+            self._io_loop()
+        except BaseException as exc:  # noqa: BLE001 - reported, then the process goes down
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        msg = (f"[{self.ctx.name}] the dispatch I/O thread failed: {type(exc).__name__}: {exc}; no frame can "
+               f"reach a worker any more: stopping the server (exit 1)")
+        with self.cond:
+            self.failed = msg
+            self.cond.notify_all()
+        self.ctx.log(msg)
+        self.ctx.log(traceback.format_exc().rstrip())
+        self.ctx.stop.set()
+        if self.fatal_exit_s > 0:  # the graph should end by itself; if anything keeps it up, end the process
+            self._watchdog = threading.Timer(self.fatal_exit_s, self._hard_exit)
+            self._watchdog.daemon = True
+            self._watchdog.start()
+
+    def _hard_exit(self) -> None:
+        sys.stderr.write(f"{self.failed}\n[{self.ctx.name}] the server did not stop within {self.fatal_exit_s:.0f} s "
+                         f"of that failure: exiting now (1)\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    def _io_loop(self) -> None:
         last_check = time.monotonic()
         while True:
             with self.cond:
@@ -132,47 +203,81 @@ class Dispatch(Stage):
             if self.sock.poll(10, zmq.POLLIN):
                 for _ in range(256):
                     try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames, extra, extra_bytes = control.recv_parts(self.sock, MAX_PARTS)
                     except zmq.Again:
                         break
-                    self._on_message(frames)
+                    try:
+                        self._on_message(frames, extra, extra_bytes)
+                    except Exception as exc:  # noqa: BLE001 - one message must never stop the dispatcher
+                        first = "InternalError" not in self.refusals.counts
+                        self._refuse(InternalError(f"{type(exc).__name__}: {exc} while handling a worker message; "
+                                                   f"dropped it (a bug: please report this line)"), frames)
+                        if first:
+                            self.ctx.log(traceback.format_exc().rstrip())
             now = time.monotonic()
             if now - last_check > 0.2:
                 last_check = now
+                control.trim_pending()
                 self._reap(now)
                 self.ctx.stats.extra.update(self._extra())
             self._assign()
             self._emit_ready()
 
-    def _on_message(self, frames) -> None:
+    def _on_message(self, frames, extra: int = 0, extra_bytes: int = 0) -> None:
         from transport.session import ServerSession
         rid = frames[0].bytes
         kind = frames[1].bytes if len(frames) > 1 else b""
-        with self.cond:
-            w = self.workers.get(rid)
-            if kind == K_READY and len(frames) == 3:
-                try:
-                    cap = max(1, min(64, int(json.loads(frames[2].bytes)["capacity"])))
-                except (ValueError, KeyError, TypeError):
-                    return
+        if extra:
+            total = sum(len(f) for f in frames) + extra_bytes
+            self._refuse(PartsError(f"a message of {len(frames) - 1 + extra} parts ({total / 2 ** 20:.1f} MiB); "
+                                    f"worker messages have at most {MAX_PARTS - 1}: dropped part by part"), frames)
+            control.release_memory(extra_bytes)
+            return
+        if kind == K_READY and len(frames) == 3:
+            try:
+                cap = control.parse(frames[2].bytes, control.READY)["capacity"]
+            except ControlError as exc:
+                self._refuse(exc, frames)
+                return
+            with self.cond:
+                w = self.workers.get(rid)
                 if w is None:
                     w = self.workers[rid] = _Worker(rid, cap, ServerSession._sender(frames))
                     self.ctx.log(f"[{self.ctx.name}] worker {w.sender} joined (capacity {cap}); {len(self.workers)} "
                                  f"worker(s)")
+                w.capacity = cap
                 w.last_seen = time.monotonic()
-            elif kind == K_RESULT and len(frames) == 4 and w is not None and len(frames[2].bytes) == _KEY.size:
-                key = _KEY.unpack(frames[2].bytes)
-                w.last_seen = time.monotonic()
-                if w.jobs.pop(key, None) is None:
-                    return  # a result for a frame already handed to someone else
-                w.done += 1
-                self.inflight -= 1
-                try:
-                    rec = json.loads(frames[3].bytes)
-                except ValueError:
-                    rec = None
-                self.results[key] = rec if isinstance(rec, dict) else None
-                self.cond.notify_all()
+            return
+        if not (kind == K_RESULT and len(frames) == 4 and len(frames[2].bytes) == _KEY.size):
+            self._refuse(ControlError(f"a {len(frames) - 1}-part message of kind {kind[:8]!r} that is not a worker "
+                                      f"ready or result message"), frames)
+            return
+        key = _KEY.unpack(frames[2].bytes)
+        with self.cond:
+            w = self.workers.get(rid)
+            if w is None:
+                self._refuse(ControlError(f"a result for stream {key[0]} frame {key[1]} from a peer that is not a "
+                                          f"joined worker (no ready message)"), frames)
+                return
+            w.last_seen = time.monotonic()
+            if key not in w.jobs:
+                return  # a result for a frame already handed to someone else
+        try:
+            rec = control.parse(frames[3].bytes, control.RESULT)
+            if rec is not None and (type(rec.get("stream")) is not int or type(rec.get("frame")) is not int
+                                    or (rec["stream"], rec["frame"]) != key):
+                raise ResultError(f"worker result for stream {key[0]} frame {key[1]} holds stream "
+                                  f"{str(rec.get('stream'))[:20]} frame {str(rec.get('frame'))[:20]}")
+        except ControlError as exc:
+            self._refuse(exc if isinstance(exc, ResultError) else ResultError(str(exc)), frames)
+            rec = None  # finished without a result, like a frame that could not be decoded
+        with self.cond:
+            if w.jobs.pop(key, None) is None:
+                return
+            w.done += 1
+            self.inflight -= 1
+            self.results[key] = rec
+            self.cond.notify_all()
 
     def _reap(self, now: float) -> None:
         with self.cond:
@@ -265,6 +370,9 @@ class WorkerJobs(Source):
         self.endpoint = check_endpoint(endpoint, "worker.jobs endpoint")
         self.security = client_security(endpoint, secret_key, server_key, bool(insecure), who="worker")
         self.checkpoint, self.capacity, self.heartbeat_s = checkpoint, int(capacity), float(heartbeat_s)
+        if not 1 <= self.capacity <= control.MAX_CAPACITY:
+            raise UsageError(f"worker.jobs capacity {capacity!r}: give the frames this worker holds at once, "
+                             f"1..{control.MAX_CAPACITY}")
         self.idle_exit_s = float(idle_exit_s) if idle_exit_s else None
 
     def open(self, ctx) -> None:
@@ -314,8 +422,13 @@ class WorkerJobs(Source):
             self._flush()
             if not self.sock.poll(10, zmq.POLLIN):
                 continue
-            parts = self.sock.recv_multipart()
-            if len(parts) != 2 or parts[0] != K_JOB:
+            try:
+                kept, extra, _ = control.recv_parts(self.sock, 2)
+            except zmq.Again:
+                continue
+            parts = [f.bytes for f in kept]
+            if extra or len(parts) != 2 or parts[0] != K_JOB:
+                self.ctx.stats.errors += 1
                 continue
             last_job = time.monotonic()
             rx = time.time_ns()

@@ -12,6 +12,17 @@ server -> edge
     ``A`` <IqQ  ack: stream, frame index finished (-1: none), contiguous high-water mark + 1 ("next")
     ``N`` <IQ   the server expects ``next`` (a frame was lost on the way): resend from there
     ``E`` text  the server refuses this edge (wrong model, ...): the edge stops with that message
+    ``E`` ``busy`` text  the stream belongs to another edge that is still sending: the edge retries for
+                ``busy_wait_s`` (its own earlier session may just have died), then stops with that message
+
+Every JSON message passes one schema check (:mod:`transport.control`: size, nesting depth, exact types and
+ranges, finite numbers) before any field is used; what fails is refused and counted like a bad frame.
+
+**Ownership.** A stream belongs to the CURVE key (without keys: the edge session) that opened it. While its
+owner is alive (heard within ``owner_timeout_s``, its end-of-stream not yet acknowledged), a hello for that
+stream from another key is refused (``StreamOwnerError``, naming the conflict and ``--stream-id``); the owner's
+own key may reopen it at once (a restarted edge). After a server restart, the owner recorded in the state file
+gets ``owner_timeout_s`` to come back first.
 
 **Credits.** The server's welcome grants ``window`` frames in flight per stream; the edge sends only while
 fewer than ``window`` of its frames are unacknowledged, so the server never holds more than ``window`` frames
@@ -29,9 +40,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import threading
 import time
+import traceback
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +52,13 @@ from typing import Any, Callable
 
 import zmq
 
-from transport import wire
+from transport import control, wire
+from transport.control import ControlError
 
 PROTO = 1
 K_HELLO, K_DATA, K_WELCOME, K_ACK, K_NACK, K_ERROR, K_BYE = b"H", b"D", b"W", b"A", b"N", b"E", b"B"
+BUSY = b"busy"  # the middle part of an ``E`` that the edge may retry (the stream's owner is still alive)
+MAX_ERROR_TEXT = 4096
 _ACK = struct.Struct("<IqQ")
 _NACK = struct.Struct("<IQ")
 POLICIES = ("drop-oldest", "drop-newest")
@@ -77,7 +93,7 @@ class EdgeClient:
     def __init__(self, endpoint: str, stream: int, fingerprint: bytes, mode: str = "replay", security=None,
                  backlog: int = 32, live_queue: int = 2, policy: str = "drop-oldest", timeout_s: float = 30.0,
                  heartbeat_s: float = 0.5, log: Callable[[str], None] = print, context: zmq.Context | None = None,
-                 session: str | None = None, name: str = "edge"):
+                 session: str | None = None, name: str = "edge", busy_wait_s: float = 5.0):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: use one of {MODES}")
         if policy not in POLICIES:
@@ -87,6 +103,13 @@ class EdgeClient:
         self.live_queue = max(1, int(live_queue))
         self.timeout_s, self.heartbeat_s, self.log, self.name = float(timeout_s), float(heartbeat_s), log, name
         self.session = session or os.urandom(8).hex()
+        if not re.fullmatch(control.SESSION, self.session):
+            raise ValueError(f"session {self.session!r}: use 1 to 64 of A-Z a-z 0-9 _ . : - (or none: a random one)")
+        if not 0 <= self.stream <= control.U32_MAX:
+            raise ValueError(f"stream {stream!r}: a stream id is an integer in 0..{control.U32_MAX}")
+        self.busy_wait_s = float(busy_wait_s)
+        self.busy_since: float | None = None
+        self.refused = 0  # server messages that failed their checks (ignored)
         self._ctx = context or zmq.Context.instance()
         self.cond = threading.Condition()
         self.unacked: OrderedDict[int, bytes] = OrderedDict()  # replay: index -> message (eos at index=count)
@@ -187,6 +210,16 @@ class EdgeClient:
                                      "mode": self.mode, "fingerprint": self.fingerprint.hex()}).encode()]
 
     def _io(self) -> None:
+        """The I/O thread: a failure ends the link with an error the graph thread raises (never a silent hang)."""
+        try:
+            self._io_loop()
+        except BaseException as exc:  # noqa: BLE001 - reported to the graph thread, which fails the stage
+            with self.cond:
+                self.error = f"the link thread of stream {self.stream} failed: {type(exc).__name__}: {exc}"
+                self.cond.notify_all()
+            self.log(f"[{self.name}] {self.error}")
+
+    def _io_loop(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 1000)
@@ -201,8 +234,9 @@ class EdgeClient:
                 with self.cond:
                     if self.closing:
                         break
+                    refused = self.error is not None
                 now = time.monotonic()
-                if now - last_hello >= self.heartbeat_s:
+                if now - last_hello >= self.heartbeat_s and not refused:  # a refused edge stays quiet
                     last_hello = now
                     try:
                         sock.send_multipart(self._hello(), zmq.NOBLOCK)
@@ -215,10 +249,18 @@ class EdgeClient:
                 if sock.poll(10, zmq.POLLIN):
                     while True:
                         try:
-                            parts = sock.recv_multipart(zmq.NOBLOCK)
+                            parts, extra, _ = control.recv_parts(sock, 3)
                         except zmq.Again:
                             break
-                        self._on_message(parts)
+                        if extra:
+                            self.refused += 1
+                            continue
+                        try:
+                            self._on_message([p.bytes for p in parts])
+                        except Exception as exc:  # noqa: BLE001 - one bad message must not end the link
+                            self.refused += 1
+                            if self.refused == 1:
+                                self.log(f"[{self.name}] ignored a server message: {type(exc).__name__}: {exc}")
                 self._maybe_rewind()
                 self._send_ready(sock)
             with self.cond:
@@ -243,11 +285,16 @@ class EdgeClient:
                 self.connected = True
             if kind == K_WELCOME and len(parts) == 2:
                 try:
-                    w = json.loads(parts[1])
-                    inst, nxt, window = str(w["instance"]), int(w["next"]), int(w["window"])
-                except (ValueError, KeyError, TypeError):
+                    w = control.parse(parts[1], control.WELCOME)
+                except ControlError:
+                    self.refused += 1
                     return
-                self.window = max(1, window)
+                inst, nxt, window = w["instance"], w["next"], w["window"]
+                if w["stream"] != self.stream:
+                    self.refused += 1
+                    return
+                self.busy_since = None
+                self.window = window
                 if inst != self.instance:
                     restarted = self.instance is not None
                     self.instance = inst
@@ -284,10 +331,21 @@ class EdgeClient:
                 stream, nxt = _NACK.unpack(parts[1])
                 if stream == self.stream and self.mode == "replay" and nxt < self.cursor:
                     self.cursor = nxt
-            elif kind == K_ERROR:
-                self.error = f"server {self.endpoint} refused this edge: " + parts[-1].decode("utf-8", "replace")
+            elif kind == K_ERROR and len(parts) in (2, 3):
+                text = parts[-1][:MAX_ERROR_TEXT].decode("utf-8", "replace")
+                if len(parts) == 3 and parts[1] == BUSY:  # the stream's owner is alive: maybe our own old session
+                    now = time.monotonic()
+                    if self.busy_since is None:
+                        self.busy_since = now
+                        self.log(f"[{self.name}] server {self.endpoint}: {text} (retrying for "
+                                 f"{self.busy_wait_s:.0f} s in case that edge has just stopped)")
+                    if now - self.busy_since < self.busy_wait_s:
+                        return
+                self.error = f"server {self.endpoint} refused this edge: {text}"
                 self.log(f"[{self.name}] {self.error}")
                 self.cond.notify_all()
+            else:
+                self.refused += 1
 
     def _maybe_rewind(self) -> None:
         """Replay: no ack for ``resend_s`` while the server is alive -> resend from the oldest unacked frame
@@ -404,16 +462,29 @@ class CommitLog:
     def resumable(self) -> bool:
         return bool(self.sessions)
 
-    def next_for(self, stream: int, session: str) -> int:
-        """The first frame index a (re)connecting edge session still has to deliver; records a new session."""
+    def next_for(self, stream: int, session: str, owner: str | None = None) -> int:
+        """The first frame index a (re)connecting edge session still has to deliver; records a new session and
+        its owner (the CURVE key, or the session without keys)."""
         with self.lock:
             info = self.sessions.get(stream)
             if info is not None and info.get("session") == session:
+                if owner is not None and info.get("owner") != owner:
+                    info["owner"] = owner
+                    self._save()
                 return self.finished.get(stream, -1) + 1
             self.sessions[stream] = {"session": session, "offset": self.offset}
+            if owner is not None:
+                self.sessions[stream]["owner"] = owner
             self.finished[stream] = -1
             self._save()
             return 0
+
+    def owner_of(self, stream: int) -> str | None:
+        """Who owned ``stream`` last (recorded in the state file: survives a server restart), or None."""
+        with self.lock:
+            info = self.sessions.get(stream)
+            owner = info.get("owner") if isinstance(info, dict) else None
+            return owner if isinstance(owner, str) else None
 
     def _save(self) -> None:
         if self.state_path is None or not self.persist:
@@ -441,6 +512,7 @@ class StreamState:
     session: str
     peer: bytes
     sender: str
+    owner: str = ""  # "key <CURVE public key>" or, without keys, "session <id>"
     next: int = 0  # replay: the only index accepted next
     last: int = -1  # live: last accepted index
     pending: set = field(default_factory=set)
@@ -475,22 +547,53 @@ class CreditError(RefuseError):
     """More frames in flight than the granted window."""
 
 
-class ControlError(RefuseError):
-    """A ZeroMQ message that is not one of the protocol's kinds, or a bad hello."""
+class EndedError(RefuseError):
+    """A frame after the stream's end-of-stream message (a new edge session starts a new run instead)."""
+
+
+class ModeError(RefuseError):
+    """A frame whose live/replay flag disagrees with the mode its stream was opened with (or a hello that
+    changes the mode of a running session)."""
+
+
+class StreamOwnerError(RefuseError):
+    """A hello for a stream that another key (without keys: another edge session) owns and is still using."""
+
+
+class PartsError(ControlError):
+    """A ZeroMQ message with more parts than any message of the protocol (dropped part by part)."""
+
+
+class InternalError(RefuseError):
+    """Handling one message raised an unexpected exception (a bug): that message is dropped, the server goes on."""
+
+
+def _owner_label(owner: str) -> str:
+    kind, _, ident = owner.partition(" ")
+    return f"{kind} {ident[:12]}..." if kind == "key" and len(ident) > 12 else owner
 
 
 class ServerSession:
     """The server's end: ROUTER socket, peers and streams, checks, dedup, credits, acks. Single-threaded: the
-    receive stage calls :meth:`poll` and :meth:`flush_acks` from its own thread."""
+    receive stage calls :meth:`poll` and :meth:`flush_acks` from its own thread.
+
+    Limits checked before anything is allocated for a message: ``max_payload`` per part (ZeroMQ), 2 parts per
+    message (more are dropped one by one), control messages by :mod:`transport.control`, the declared original
+    frame size (``max_frame_side``, pixels per side), ``window`` frames in flight and ``max_streams`` streams.
+    ``owner_timeout_s``: a stream's owner silent for longer may lose it to another key. ``log_interval_s``:
+    refusals are logged at most once per kind per peer per interval (all are counted)."""
 
     def __init__(self, endpoint: str, fingerprint: bytes, latent_shape: tuple[int, int, int] | None,
                  commit: CommitLog, security=None, window: int = 8, max_payload: int = 4 * 1024 * 1024,
                  max_streams: int = 256, log: Callable[[str], None] = print, bind: bool = True,
-                 context: zmq.Context | None = None, name: str = "server"):
+                 context: zmq.Context | None = None, name: str = "server", max_frame_side: int = 4096,
+                 owner_timeout_s: float = 3.0, log_interval_s: float = 30.0):
         self.fingerprint, self.latent_shape = fingerprint, tuple(latent_shape) if latent_shape else None
         self.commit, self.window, self.max_payload = commit, int(window), int(max_payload)
         self.max_streams, self.log, self.name = int(max_streams), log, name
+        self.max_frame_side, self.owner_timeout_s = int(max_frame_side), float(owner_timeout_s)
         self.instance = os.urandom(6).hex()
+        self.started = time.monotonic()
         self._ctx = context or zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 500)
@@ -502,15 +605,17 @@ class ServerSession:
         from transport.link import attach
         self.endpoint = attach(self.sock, endpoint, bind)
         self.streams: dict[int, StreamState] = {}
-        self.refused: dict[str, int] = {}
-        self.refused_senders: dict[str, str] = {}
+        self.refusals = control.RefusalLog(log, name, interval_s=log_interval_s)
+        self.refused: dict[str, int] = self.refusals.counts
+        self.refused_senders: dict[str, str] = self.refusals.first_sender
         self.accepted = 0
         self.bytes = 0
         self.last_status = 0.0
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _sender(frames) -> str:
+    def _meta(frames) -> tuple[bytes, str | None, str | None]:
+        """(routing id, peer address, CURVE public key or None) of a received message."""
         rid = frames[0].bytes if hasattr(frames[0], "bytes") else frames[0]
         addr = user = None
         try:
@@ -521,19 +626,25 @@ class ServerSession:
             user = frames[-1].get("User-Id")
         except (zmq.ZMQError, AttributeError, TypeError):
             pass
+        return rid, addr, (user if user and user != "anonymous" else None)
+
+    @staticmethod
+    def _sender(frames) -> str:
+        rid, addr, user = ServerSession._meta(frames)
         s = f"peer {addr or 'local'} id {rid.hex()}"
-        if user and user != "anonymous":
+        if user:
             s += f" key {user[:12]}..."
         return s
 
-    def refuse(self, exc: Exception, sender: str) -> None:
-        kind = type(exc).__name__
-        n = self.refused.get(kind, 0)
-        self.refused[kind] = n + 1
-        if n == 0:
-            self.refused_senders[kind] = sender
-            self.log(f"[{self.name}] refused a message ({kind}) from {sender}: {exc} (further {kind} are counted, "
-                     f"not logged)")
+    @staticmethod
+    def _peer(frames) -> str:
+        """Who sent it, for log rate limits: the CURVE key when there is one, else the address."""
+        rid, addr, user = ServerSession._meta(frames)
+        return f"key {user}" if user else f"address {addr or rid.hex()}"
+
+    def refuse(self, exc: Exception, sender: str, peer: str | None = None) -> None:
+        """Count a refused message by kind; log it (rate-limited per kind and peer)."""
+        self.refusals.refuse(exc, sender, peer)
 
     def _send(self, rid: bytes, *parts: bytes) -> None:
         try:
@@ -543,25 +654,43 @@ class ServerSession:
 
     # ------------------------------------------------------------------ receive
     def poll(self, timeout_ms: int = 10, max_messages: int = 256) -> list[tuple[wire.WireHeader, Any, bytes, int]]:
-        """Handle what arrived; return accepted frames as (header, payload view, message, received_ns)."""
+        """Handle what arrived; return accepted frames as (header, payload view, message, received_ns). A message
+        whose handling raises (a bug) is refused as InternalError: one message never stops the server."""
         out = []
         if not self.sock.poll(timeout_ms, zmq.POLLIN):
             return out
         for _ in range(max_messages):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames, extra, extra_bytes = control.recv_parts(self.sock, 3)
             except zmq.Again:
                 break
-            got = self._handle(frames)
+            try:
+                got = self._handle(frames, extra, extra_bytes)
+            except Exception as exc:  # noqa: BLE001 - one message must never stop the server
+                first = "InternalError" not in self.refused
+                self.refuse(InternalError(f"{type(exc).__name__}: {exc} while handling a message; dropped it "
+                                          f"(a bug: please report this line)"), self._sender(frames),
+                            self._peer(frames))
+                if first:
+                    self.log(traceback.format_exc())
+                continue
             if got is not None:
                 out.append(got)
         return out
 
-    def _handle(self, frames):
+    def _handle(self, frames, extra: int = 0, extra_bytes: int = 0):
         rid = frames[0].bytes
+        if extra:
+            total = sum(len(f) for f in frames) + extra_bytes
+            self.refuse(PartsError(f"a message of {len(frames) - 1 + extra} parts ({total / 2 ** 20:.1f} MiB); the "
+                                   f"protocol's messages have 2: dropped part by part"),
+                        self._sender(frames), self._peer(frames))
+            del frames
+            control.release_memory(extra_bytes)
+            return None
         if len(frames) != 3 or frames[1].bytes not in (K_HELLO, K_DATA, K_BYE):
             self.refuse(ControlError(f"a {len(frames) - 1}-part message that is not a hello or data message"),
-                        self._sender(frames))
+                        self._sender(frames), self._peer(frames))
             return None
         kind = frames[1].bytes
         if kind == K_HELLO:
@@ -569,11 +698,14 @@ class ServerSession:
             return None
         if kind == K_BYE:
             try:
-                st = self.streams.get(int(json.loads(frames[2].bytes)["stream"]))
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-                st = None
+                stream = control.parse(frames[2].bytes, control.GOODBYE)["stream"]
+            except ControlError as exc:
+                self.refuse(exc, self._sender(frames), self._peer(frames))
+                return None
+            st = self.streams.get(stream)
             if st is None or st.peer != rid:
-                self.refuse(ControlError("a goodbye for a stream this peer does not own"), self._sender(frames))
+                self.refuse(ControlError(f"a goodbye for stream {stream}, which this peer does not own"),
+                            self._sender(frames), self._peer(frames))
             else:
                 st.bye = True
             return None
@@ -581,14 +713,15 @@ class ServerSession:
         rx = time.time_ns()
         try:
             header, payload = wire.unpack(data, self.fingerprint, max_payload=self.max_payload,
-                                          expected_latent_shape=self.latent_shape)
+                                          expected_latent_shape=self.latent_shape,
+                                          max_frame_side=self.max_frame_side)
             st = self.streams.get(header.stream_id)
             if st is None or st.peer != rid:
                 raise UnknownPeerError(f"data for stream {header.stream_id} from a peer that did not open it with "
                                        f"a hello")
             self._admit(st, header)
         except wire.WireError as exc:
-            self.refuse(exc, self._sender(frames))
+            self.refuse(exc, self._sender(frames), self._peer(frames))
             return None
         st.last_seen = time.monotonic()
         if header.eos:
@@ -600,11 +733,17 @@ class ServerSession:
 
     def _admit(self, st: StreamState, h: wire.WireHeader) -> None:
         i = h.frame_index
+        if not h.eos and h.live != (st.mode == "live"):
+            raise ModeError(f"stream {st.stream} was opened as {st.mode} (hello) but frame {i} is flagged "
+                            f"{'live' if h.live else 'replay'}")
         if st.mode == "replay":
             if i < st.next:
                 if i < st.finished_next:  # already finished: say so again so the edge forgets it
                     self._send(st.peer, K_ACK, _ACK.pack(st.stream, i, st.finished_next))
                 raise ReplayedError(f"stream {st.stream} frame {i} again (server expects {st.next})")
+            if st.eos is not None:
+                raise EndedError(f"stream {st.stream} frame {i} after its end-of-stream at frame {st.eos} "
+                                 f"(a new edge session starts a new run)")
             if i > st.next:
                 now = time.monotonic()
                 if now - st.last_nack > 0.3:
@@ -619,6 +758,11 @@ class ServerSession:
                 raise CreditError(f"stream {st.stream}: {len(st.pending)} frames in flight, window {self.window}")
             st.next = i + 1
         else:
+            if st.eos is not None:
+                if h.eos and i == st.eos:
+                    return  # the same end-of-stream again
+                raise EndedError(f"stream {st.stream} frame {i} after its end-of-stream at frame {st.eos} "
+                                 f"(a new edge session starts a new run)")
             if h.eos:
                 st.eos = i
                 return
@@ -629,42 +773,77 @@ class ServerSession:
             st.last = i
         st.pending.add(i)
 
+    def _owned(self, st: StreamState, now: float) -> bool:
+        """The stream's owner is alive: heard within ``owner_timeout_s`` and its end not yet acknowledged."""
+        return not st.eos_acked and not st.bye and now - st.last_seen < self.owner_timeout_s
+
+    def _busy(self, rid: bytes, stream: int, holder: str, sender: str, peer: str) -> None:
+        """Refuse a hello for a stream another key owns; the edge retries a little, then stops with the text."""
+        free = next(i for i in range(len(self.streams) + 2) if i not in self.streams and i != stream)
+        exc = StreamOwnerError(f"stream {stream} belongs to another edge ({holder}) that is still using it; one "
+                               f"stream has one owner and another key cannot take it over. Give each edge its "
+                               f"own stream id, e.g. --stream-id {free}")
+        self.refuse(exc, sender, peer)
+        self._send(rid, K_ERROR, BUSY, str(exc).encode())
+
     def _hello(self, rid: bytes, frames) -> None:
-        sender = self._sender(frames)
+        sender, peer = self._sender(frames), self._peer(frames)
         try:
-            h = json.loads(frames[2].bytes)
-            stream, session, mode, fp = int(h["stream"]), str(h["session"])[:64], str(h["mode"]), str(h["fingerprint"])
-            if h.get("proto") != PROTO:
-                raise ControlError(f"protocol {h.get('proto')!r}, this server speaks {PROTO}")
-            if mode not in MODES or not 0 <= stream < 2 ** 32:
-                raise ControlError(f"bad hello: stream {stream}, mode {mode!r}")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            self.refuse(ControlError(f"bad hello: {exc}"), sender)
-            return
+            h = control.parse(frames[2].bytes, control.HELLO)
         except ControlError as exc:
-            self.refuse(exc, sender)
+            self.refuse(exc, sender, peer)
             return
+        if h["proto"] != PROTO:
+            exc = ControlError(f"hello for protocol {h['proto']}; this server speaks protocol {PROTO}: run the "
+                               f"same ladon-stream version on edge and server")
+            self.refuse(exc, sender, peer)
+            self._send(rid, K_ERROR, str(exc).encode())
+            return
+        stream, session, mode, fp = h["stream"], h["session"], h["mode"], h["fingerprint"].lower()
         if fp != self.fingerprint.hex():
             exc = wire.FingerprintMismatch(f"model fingerprint {fp[:32]} does not match this server's "
                                            f"{self.fingerprint.hex()}: edge and server must load the same checkpoint")
-            self.refuse(exc, sender)
+            self.refuse(exc, sender, peer)
             self._send(rid, K_ERROR, str(exc).encode())
             return
+        key = self._meta(frames)[2]
+        owner = f"key {key}" if key else f"session {session}"
         st = self.streams.get(stream)
         now = time.monotonic()
-        if st is None or st.session != session:
-            if st is None and len(self.streams) >= self.max_streams:
+        if st is not None and (st.session != session or st.owner != owner):
+            if st.owner != owner and self._owned(st, now):
+                self._busy(rid, stream, f"{_owner_label(st.owner)}, {st.sender}, {st.mode}, heard "
+                                        f"{now - st.last_seen:.1f} s ago", sender, peer)
+                return
+            if st.owner != owner:
+                why = "ended" if st.eos_acked or st.bye else f"silent for {now - st.last_seen:.1f} s"
+                self.log(f"[{self.name}] stream {stream}: its owner ({_owner_label(st.owner)}) {why}; "
+                         f"{_owner_label(owner)} takes it over")
+            st = None  # a new session: the owner restarted, or the stream ended or its owner went away
+        elif st is None:
+            recorded = self.commit.owner_of(stream)
+            if recorded is not None and recorded != owner and now - self.started < self.owner_timeout_s:
+                self._busy(rid, stream, f"{_owner_label(recorded)}, recorded before this server started "
+                                        f"{now - self.started:.1f} s ago", sender, peer)
+                return
+        if st is None:
+            if stream not in self.streams and len(self.streams) >= self.max_streams:
                 for k, old in list(self.streams.items()):  # forget streams that ended or went quiet long ago
                     if (old.eos_acked or not old.connected) and now - old.last_seen > 60.0 and not old.pending:
                         del self.streams[k]
-            if st is None and len(self.streams) >= self.max_streams:
-                self.refuse(ControlError(f"too many streams (max {self.max_streams})"), sender)
+            if stream not in self.streams and len(self.streams) >= self.max_streams:
+                self.refuse(ControlError(f"too many streams (max {self.max_streams})"), sender, peer)
                 return
-            nxt = self.commit.next_for(stream, session)
-            st = StreamState(stream, mode, session, rid, sender, next=nxt, last=nxt - 1, finished_next=nxt)
+            nxt = self.commit.next_for(stream, session, owner)
+            st = StreamState(stream, mode, session, rid, sender, owner=owner, next=nxt, last=nxt - 1,
+                             finished_next=nxt)
             self.streams[stream] = st
             self.log(f"[{self.name}] stream {stream} ({mode}) opened by {sender}, session {session}"
                      + (f", resuming at frame {nxt}" if nxt else ""))
+        elif st.mode != mode:
+            self.refuse(ModeError(f"hello for stream {stream} as {mode}, but session {session} opened it as "
+                                  f"{st.mode}"), sender, peer)
+            return
         elif st.peer != rid:  # same session, new connection (the edge reconnected)
             st.peer, st.sender = rid, sender
             self.log(f"[{self.name}] stream {stream} reconnected from {sender}")
@@ -727,6 +906,7 @@ class ServerSession:
                 self._send(st.peer, K_ACK, _ACK.pack(st.stream, st.eos, st.eos + 1))
 
     def housekeeping(self) -> None:
+        control.trim_pending()
         now = time.monotonic()
         for st in self.streams.values():
             if st.connected and now - st.last_seen > 3.0 and st.eos is None:

@@ -19,9 +19,11 @@ Layout (little endian, ``struct`` format :data:`HEADER_FORMAT`, :data:`HEADER_SI
         70    4 crc32            zlib.crc32 over header bytes [0, 70) + extension bytes + payload
 
 :func:`unpack` checks, in this order and before anything is allocated or decoded: total length, magic,
-version, header length, payload length against the bytes received, latent-shape and frame-size limits, and
-the checksum (then, when given, the receiver's fingerprint). Session-level checks (replayed or out-of-order
-frame indices, unknown peers, credit overruns) live in :mod:`transport.session`. Each failure raises its own :class:`WireError` subclass whose message names what is wrong.
+version, header length, payload length against the bytes received, latent-shape and frame-size limits (the
+receiver's own ``max_frame_side`` too), and the checksum (then, when given, the receiver's fingerprint).
+Session-level checks (replayed or out-of-order frame indices, unknown peers, credit overruns) live in
+:mod:`transport.session`. Each failure raises its own :class:`WireError` subclass whose message names what is
+wrong.
 The data size a benchmark reports is ``len(message)``: header included.
 """
 from __future__ import annotations
@@ -74,6 +76,11 @@ class LengthMismatchError(WireError):
 
 class ShapeError(WireError):
     """Latent shape or original frame size outside the limits."""
+
+
+class FrameSizeError(ShapeError):
+    """An original frame size beyond the receiver's own limit (``max_frame_side``): refused before the frame
+    costs memory or time downstream (the video sink and the result mapping work at that size)."""
 
 
 class ChecksumError(WireError):
@@ -131,12 +138,13 @@ def end_of_stream(stream_id: int, frame_count: int, fingerprint: bytes, sent_ns:
 
 
 def unpack(message: bytes | bytearray | memoryview, expected_fingerprint: bytes | None = None, *,
-           max_payload: int = MAX_PAYLOAD, expected_latent_shape: tuple[int, int, int] | None = None
-           ) -> tuple[WireHeader, memoryview]:
+           max_payload: int = MAX_PAYLOAD, expected_latent_shape: tuple[int, int, int] | None = None,
+           max_frame_side: int = MAX_SIDE) -> tuple[WireHeader, memoryview]:
     """Check a message and split it into header and payload (a zero-copy view). Raises a WireError subclass.
 
     ``max_payload``: a receiver's own (tighter) payload limit; ``expected_latent_shape``: the latent shape its
-    model produces (a frame declaring any other is refused before the checksum is computed)."""
+    model produces (a frame declaring any other is refused before the checksum is computed); ``max_frame_side``:
+    the largest original frame width or height it takes (:class:`FrameSizeError` beyond)."""
     buf = memoryview(message).cast("B") if not isinstance(message, memoryview) else message.cast("B")
     n = len(buf)
     if n < HEADER_SIZE:
@@ -165,6 +173,10 @@ def unpack(message: bytes | bytearray | memoryview, expected_fingerprint: bytes 
                              f"sides 1..{MAX_SIDE}, at most {MAX_LATENT_ELEMENTS} elements")
         if not (1 <= ow <= MAX_SIDE and 1 <= oh <= MAX_SIDE):
             raise ShapeError(f"original frame size {ow}x{oh} outside 1..{MAX_SIDE}")
+        if ow > max_frame_side or oh > max_frame_side:
+            raise FrameSizeError(f"original frame size {ow}x{oh} exceeds this receiver's limit of "
+                                 f"{max_frame_side}x{max_frame_side} (raise server.receive max_frame_side, or "
+                                 f"scale the source down)")
         if expected_latent_shape is not None and (c, h, w) != tuple(expected_latent_shape):
             raise ShapeError(f"latent shape ({c}, {h}, {w}) is not this model's {tuple(expected_latent_shape)}")
     (crc,) = _CRC.unpack_from(buf, _BODY.size)
