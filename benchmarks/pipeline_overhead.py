@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/pipeline_overhead.py [--frames 60] [--checkpoint PATH|random:SIZE] [--size 256]
 
 Both sides get the same pre-encoded wire messages (the edge is not timed). *Direct*: for each message,
-wire.unpack + codec.decode + the three heads + mapping to the original frame, in a plain loop. *Pipeline*: the
-server graph (server.receive over a real ZeroMQ tcp socket on 127.0.0.1 -> server.decode -> three consumer
-threads -> results.merge -> JSONL sink), fed by a PUSH socket as fast as it takes them. Prints frames per
-second of each and the overhead ratio (direct fps / pipeline fps; above 1.0 = pipeline slower).
+wire.unpack + codec.decode + the head of every registered task (codec.tasks) + mapping to the original frame, in
+a plain loop. *Pipeline*: the server graph (server.receive over a real ZeroMQ tcp socket on 127.0.0.1 ->
+server.decode -> one consumer thread per task -> results.merge -> JSONL sink), fed by a PUSH socket as fast as it
+takes them. Prints frames per second of each and the overhead ratio (direct fps / pipeline fps; above 1.0 =
+pipeline slower).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from codec.api import DEFAULT_CHECKPOINT
+    from codec.tasks import TASKS
     from pipeline.codecs import get_codec
     from pipeline.graph import GraphRunner, parse_graph
     from stages.consumers import map_result
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
 
     msgs = [pack(i, i) for i in range(len(encoded))]
     from codec.api import EncodedFrame
-    tasks = ("detection", "segmentation", "classification")
+    tasks = tuple(TASKS)
 
     def direct(batch):
         for m in batch:
@@ -131,11 +133,12 @@ def main(argv=None) -> int:
     print(f"checkpoint {ckpt}  input {codec.input_size}px  frames {n} ({args.size}px)  "
           f"mean {np.mean([len(m) for m in msgs]) / 1000:.2f} kB/frame on the wire")
     print(f"median of {args.rounds} alternating rounds")
-    print(f"direct   (unpack + decode + body + 3 heads, one loop): {fps_d:7.2f} fps")
+    print(f"direct   (unpack + decode + body + {len(tasks)} heads, one loop): {fps_d:7.2f} fps")
     print(f"pipeline (ZeroMQ tcp with acks + stage threads + merge + JSONL): {fps_p:7.2f} fps")
     print(f"overhead ratio direct/pipeline: {fps_d / fps_p:.3f}  ({(fps_d / fps_p - 1) * 100:+.1f} %)")
     print(f"features per frame for a consumer process: {len(blob) / 1e6:.2f} MB, pickle+unpickle "
-          f"{t_pickle * 1000:.1f} ms x 3 consumers, against {1000 / fps_p:.1f} ms per frame in the thread pipeline")
+          f"{t_pickle * 1000:.1f} ms x {len(tasks)} consumers, against {1000 / fps_p:.1f} ms per frame in the "
+          f"thread pipeline")
     return 0
 
 

@@ -19,11 +19,11 @@ import torch
 from codec.entropy_coder import get_coder, latent_from_symbols, symbols_from_latent
 from codec.payload import EncodedFrame
 from codec.student import EdgeEncoder, StudentSpec, count_macs
+from codec.tasks import TASKS  # the registered task names, read live (codec.tasks)
 from compressai.entropy_models import EntropyBottleneck
 from compressai.models.utils import update_registered_buffers
 
 # The server side (teachers, Ultralytics) is imported lazily: the edge process loads only encoder + entropy model.
-TASKS = ("detection", "segmentation", "classification")
 CDF_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length")
 DEFAULT_ENTROPY_CODER = "constriction"  # 4x faster than CompressAI's rANS at the same size (benchmarks/)
 LEGACY_ENTROPY_CODER = "compressai"  # checkpoints that predate the choice
@@ -201,7 +201,7 @@ class SplitCodec(_EntropyCoding):
 
     @torch.no_grad()
     def head(self, task: str, features: Features, conf: float = 0.25) -> list:
-        """One task's per-frame results (see :func:`codec.teachers.postprocess` for the forms)."""
+        """One task's per-frame results (the forms: each task's ``result`` in :mod:`codec.tasks`)."""
         from codec.teachers import postprocess
 
         if task not in TASKS:

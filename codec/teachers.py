@@ -15,16 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
 import pipeline.offline  # noqa: F401
+from codec.tasks import TASKS, HeadOptions, get_task
 from conveyor.classes import STATION
 from ultralytics.nn.tasks import ClassificationModel, DetectionModel, SemanticSegmentationModel, load_checkpoint
-from ultralytics.utils import nms
 
-TASKS = ("detection", "segmentation", "classification")
 # Layer ranges of the YOLO26 graphs: the body is the detector's backbone; heads start where the graphs diverge.
 SEM_HEAD_START = 11  # yolo26-sem.yaml: layers 0-10 equal the detector's backbone
 CLS_HEAD_START = 9  # yolo26-cls.yaml: layers 0-8 equal the detector's backbone, 9 is its own C2PSA
@@ -187,24 +185,21 @@ class MultiTaskTeachers(nn.Module):
         return cache
 
     def head_raw(self, task: str, cache: dict[int, torch.Tensor]):
-        """Raw output of one task head given the backbone cache (Ultralytics' own output conventions)."""
-        c = dict(cache)  # heads add their own layers; keep the shared cache clean
-        if task == "detection":
-            return run_layers(self.detect, c, BODY_END)
-        if task == "segmentation":
-            return run_layers(self.semantic, c, SEM_HEAD_START)
-        if task == "classification":
-            if self.station:
-                c[CLS_HEAD_START - 1] = station_window(c[CLS_HEAD_START - 1])
-            return run_layers(self.classify, c, CLS_HEAD_START)
-        raise KeyError(f"unknown task {task!r}; expected one of {TASKS}")
+        """Raw output of one task head given the backbone cache (Ultralytics' own output conventions); the head
+        itself is the task's ``head`` hook in :mod:`codec.tasks`."""
+        return get_task(task).head(self, dict(cache))  # heads add their own layers: keep the shared cache clean
 
     def names(self, task: str) -> list[str]:
-        model = {"detection": self.detect, "segmentation": self.semantic, "classification": self.classify}[task]
-        names = getattr(model, "names", None) or {}
-        n = _num_classes(model)
-        # classify folders are numbered so Ultralytics' alphabetical order is the class order: drop "07_"
-        return [re.sub(r"^\d+_", "", str(names.get(i, i))) for i in range(n)]
+        """One task's class names, in class order (the task's ``names`` hook in :mod:`codec.tasks`)."""
+        return get_task(task).class_names(self)
+
+
+def model_class_names(model: nn.Module) -> list[str]:
+    """An Ultralytics model's class names in class order, one per output class."""
+    names = getattr(model, "names", None) or {}
+    n = _num_classes(model)
+    # classify folders are numbered so Ultralytics' alphabetical order is the class order: drop "07_"
+    return [re.sub(r"^\d+_", "", str(names.get(i, i))) for i in range(n)]
 
 
 def station_window(feature: torch.Tensor) -> torch.Tensor:
@@ -227,27 +222,9 @@ def station_features(teachers: "MultiTaskTeachers", x: torch.Tensor) -> torch.Te
 
 def postprocess(task: str, raw, input_size: int, conf: float = 0.25, iou: float = 0.7, end2end: bool = False,
                 max_det: int = 300) -> list:
-    """Turn a head's raw batch output into per-frame results in plain numpy (model-input pixel coordinates)."""
-    if task == "detection":
-        preds = raw[0] if isinstance(raw, (tuple, list)) else raw
-        out = nms.non_max_suppression(preds, conf, iou, max_det=max_det, end2end=end2end)
-        return [{"boxes": d[:, :4].clamp(0, input_size).numpy().astype(np.float32),
-                 "scores": d[:, 4].numpy().astype(np.float32),
-                 "classes": d[:, 5].numpy().astype(np.int64)} for d in out]
-    if task == "segmentation":
-        logits = raw[0] if isinstance(raw, (tuple, list)) else raw
-        logits = torch.nn.functional.interpolate(logits, size=(input_size, input_size), mode="bilinear",
-                                                 align_corners=False)
-        return [m.numpy().astype(np.uint8) for m in logits.argmax(1)]
-    if task == "classification":
-        probs = raw[0] if isinstance(raw, (tuple, list)) else raw
-        results = []
-        for p in probs:
-            top = torch.topk(p, k=min(5, p.numel()))
-            results.append({"label": int(top.indices[0]),
-                            "top5": [(int(i), float(s)) for i, s in zip(top.indices, top.values)]})
-        return results
-    raise KeyError(f"unknown task {task!r}; expected one of {TASKS}")
+    """Turn a head's raw batch output into per-frame results in plain numpy (model-input pixel coordinates): the
+    task's ``postprocess`` hook in :mod:`codec.tasks`."""
+    return get_task(task).postprocess(raw, HeadOptions(input_size, conf, iou, end2end, max_det))
 
 
 def _head_state(model: nn.Module, start: int) -> dict:

@@ -16,6 +16,8 @@ YAML schema::
 
 A string that is exactly ``${NAME}`` takes the variable's value with its type; ``${NAME}`` inside a longer
 string is replaced by its text. Errors name the file, the key path (``stages[2].inputs``) and what is allowed.
+Every wire is checked against the stages' declared message types (``emits`` upstream, ``accepts`` downstream):
+``source.video -> sink.jsonl`` is refused at parse time, naming both stages and both types.
 
 Loading is bounded (see :func:`load_yaml`): a config file is at most 1 MiB of UTF-8 text, nests at most 64
 levels and holds at most 100,000 YAML nodes counted with every alias (``*name``) expanded, so a "billion
@@ -187,7 +189,35 @@ def parse_graph(data: Any, file: str = "<memory>", variables: dict[str, Any] | N
         if not is_source and not s.inputs:
             raise UsageError(f"{file}: stages[{i}] ({s.key}) needs `inputs`: the names of the stages feeding it")
     _topo_order(stages, file)
+    check_contracts(stages, file)
     return GraphSpec(name, stages, qs, str(data.get("description", "")), variables, file)
+
+
+def _type_names(types) -> str:
+    return ", ".join(t.__name__ for t in types)
+
+
+def check_contracts(stages: list[StageSpec], file: str = "<memory>") -> None:
+    """Refuse a wire whose upstream stage emits a message type the downstream stage does not accept (``emits`` /
+    ``accepts`` of the stage classes; either left empty is not checked). One line naming both stages, both
+    types, and the stages that would turn the one into the other where some exist."""
+    by_name = {s.name: s for s in stages}
+    for i, s in enumerate(stages):
+        accepts = get_stage_class(s.key).accepts
+        if not accepts:
+            continue
+        for inp in s.inputs:
+            up = by_name[inp]
+            emits = get_stage_class(up.key).emits
+            refused = [t for t in emits if not issubclass(t, accepts)]
+            if not refused:
+                continue
+            bridges = [k for k in available_stages()
+                       if (c := get_stage_class(k)).accepts and c.emits and issubclass(refused[0], c.accepts)
+                       and all(issubclass(t, accepts) for t in c.emits)]
+            hint = f"; put a stage between them, e.g. {', '.join(bridges)}" if bridges else ""
+            raise UsageError(f"{file}: stages[{i}].inputs: stage {inp!r} ({up.key}) emits {_type_names(refused)}, "
+                             f"but stage {s.name!r} ({s.key}) accepts only {_type_names(accepts)}{hint}")
 
 
 def graph_variables(path_or_name: str) -> set[str]:
@@ -367,6 +397,7 @@ class GraphRunner:
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.nodes: dict[str, _Node] = {}
         self.shared.setdefault("graph_nodes", self.nodes)
+        check_contracts(spec.stages, spec.path)  # again: commands edit a parsed spec (--tasks, --pub)
         for s in spec.stages:
             stage = create_stage(s.key, **s.params)
             self.nodes[s.name] = _Node(s, stage, s.queue_size or spec.queue_size)

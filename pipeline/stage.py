@@ -10,9 +10,15 @@ A stage is a class with a registry key and three methods::
         def close(self): ...                    # flush; may return final messages
 
 A :class:`Source` has no inputs; it implements ``frames()`` (an iterator of messages) instead of
-``process``. Messages are the small dataclasses below. Stages are registered with :func:`register_stage`
-(built-ins in ``stages/``) or through the entry-point group ``ladon.stages`` (third-party packages:
-``my_stage_key = "my_pkg.module:MyStage"``); :func:`create_stage` builds one by key.
+``process``. Messages are the small dataclasses below; a stage declares the types it ``accepts`` and ``emits``,
+and a graph that feeds a stage a type it does not accept is refused when it is parsed (``pipeline.graph``).
+
+Stages are found through the entry-point group ``ladon.stages``: a value ``"my_pkg.module:MyStage"`` names one
+stage class (its key is the entry's name), a value without ``:Class`` names a module whose stages register
+themselves on import with :func:`register_stage`. The project declares its own modules that way (pyproject.toml);
+:data:`BUILTIN_STAGE_MODULES` is the same list, for a checkout used without ``pip install -e .`` or whose install
+predates a module. Public registry functions: :func:`register_stage`, :func:`unregister_stage`,
+:func:`available_stages`, :func:`get_stage_class`, :func:`create_stage`.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import numpy as np
 from pipeline.errors import UsageError
 
 ENTRY_POINT_GROUP = "ladon.stages"
+DISTRIBUTION = "ladon-stream"  # this project's name in its installed metadata (its entry points are the built-ins)
 
 
 # --------------------------------------------------------------------------------------------- messages
@@ -156,9 +163,9 @@ class StageStats:
 
 class Stage:
     key: ClassVar[str] = ""
-    #: message types this stage accepts (checked when a graph is wired); empty = anything
+    #: message types this stage accepts (checked when a graph is parsed); empty = anything
     accepts: ClassVar[tuple[type, ...]] = ()
-    #: message types it emits
+    #: message types it emits (checked against each downstream stage's ``accepts``); empty = not declared
     emits: ClassVar[tuple[type, ...]] = ()
     #: when True the runtime calls process(msg) under a try: a raising call loses that message only
     tolerate_errors: ClassVar[bool] = False
@@ -190,6 +197,14 @@ def now_ms(t0: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------- registry
+#: the project's own stage modules, as pyproject.toml declares them under [project.entry-points."ladon.stages"]
+#: (a test keeps the two lists equal); imported whatever the installed metadata says
+BUILTIN_STAGE_MODULES = (
+    "stages.sources", "stages.edge", "stages.server", "stages.consumers", "stages.sinks", "stages.workers",
+    "stages.factory.tracking", "stages.factory.counting", "stages.factory.events", "stages.factory.mqtt_sink",
+    "stages.factory.metrics",
+)
+
 _REGISTRY: dict[str, type[Stage]] = {}
 _BUILTINS_LOADED = False
 _ENTRY_POINTS_LOADED = False
@@ -198,7 +213,9 @@ _lock = threading.Lock()
 
 
 def register_stage(cls=None, *, key: str | None = None):
-    """Class decorator: ``@register_stage`` (uses ``cls.key``) or ``@register_stage(key="...")``."""
+    """Class decorator: ``@register_stage`` (uses ``cls.key``) or ``@register_stage(key="...")``.
+
+    A key taken by another class raises ValueError naming that class."""
 
     def wrap(c):
         k = key or c.key
@@ -213,42 +230,55 @@ def register_stage(cls=None, *, key: str | None = None):
     return wrap(cls) if cls is not None else wrap
 
 
+def unregister_stage(key: str) -> type[Stage] | None:
+    """Remove the stage registered under ``key`` (one a plugin or test added at run time); returns its class."""
+    return _REGISTRY.pop(key, None)
+
+
+def _is_own(ep) -> bool:
+    """Whether an entry point belongs to this project's installed metadata (a built-in, not a plugin)."""
+    dist = getattr(ep, "dist", None)
+    return dist is not None and (dist.name or "").replace("_", "-").lower() == DISTRIBUTION
+
+
 def _load_builtins() -> None:
+    """Import the project's stage modules: those its installed entry points name, then any of
+    BUILTIN_STAGE_MODULES they miss. Not guarded: a broken built-in is a bug to see, not a plugin to skip."""
     global _BUILTINS_LOADED
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    for mod in ("stages.sources", "stages.edge", "stages.server", "stages.consumers", "stages.sinks", "stages.workers",
-                "stages.factory.tracking",
-                "stages.factory.counting",
-                "stages.factory.events",
-                "stages.factory.mqtt_sink",
-                "stages.factory.metrics",
-                ):
-        importlib.import_module(mod)
+    declared = [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP) if _is_own(ep) and ep.attr is None]
+    for module in dict.fromkeys([*declared, *BUILTIN_STAGE_MODULES]):
+        importlib.import_module(module)
 
 
 def _load_entry_points() -> None:
+    """Load third-party entries: a stage class under its entry name, or a module whose stages register
+    themselves. A broken plugin is recorded in _EP_ERRORS and named when its key is asked for."""
     global _ENTRY_POINTS_LOADED
     if _ENTRY_POINTS_LOADED:
         return
     _ENTRY_POINTS_LOADED = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
+        if _is_own(ep) or ep.name in _REGISTRY:
             continue
         try:
-            cls = ep.load()
+            obj = ep.load()
         except Exception as exc:  # a broken plugin must not take the built-ins down
             _EP_ERRORS[ep.name] = f"{ep.value}: {type(exc).__name__}: {exc}"
             continue
-        if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        if ep.attr is None:  # a module: importing it registered its stages
+            continue
+        if not (isinstance(obj, type) and issubclass(obj, Stage)):
             _EP_ERRORS[ep.name] = f"{ep.value} is not a pipeline.stage.Stage subclass"
             continue
-        cls.key = cls.key or ep.name
-        _REGISTRY[ep.name] = cls
+        obj.key = obj.key or ep.name
+        _REGISTRY[ep.name] = obj
 
 
 def available_stages() -> list[str]:
+    """Every registered stage key, sorted (built-ins and installed plugins loaded on first call)."""
     with _lock:
         _load_builtins()
         _load_entry_points()
@@ -256,13 +286,15 @@ def available_stages() -> list[str]:
 
 
 def get_stage_class(key: str) -> type[Stage]:
+    """The class registered under ``key``; UsageError names the allowed keys (or why a plugin failed to load)."""
     keys = available_stages()
     if key not in _REGISTRY:
         if key in _EP_ERRORS:
             raise UsageError(f"stage {key!r} is declared by an installed package (entry point group "
                              f"{ENTRY_POINT_GROUP!r}) but failed to load: {_EP_ERRORS[key]}")
+        broken = "".join(f"; entry point {name!r} failed to load: {why}" for name, why in _EP_ERRORS.items())
         raise UsageError(f"unknown stage key {key!r}; allowed keys: {', '.join(keys)} "
-                         f"(third-party stages register under the entry-point group {ENTRY_POINT_GROUP!r})")
+                         f"(third-party stages register under the entry-point group {ENTRY_POINT_GROUP!r}){broken}")
     return _REGISTRY[key]
 
 

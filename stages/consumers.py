@@ -1,50 +1,29 @@
-"""Task consumers (detection, segmentation, classification) and `results.merge`, which joins them per frame.
+"""Task consumers (one ``task.<name>`` stage per task of :mod:`codec.tasks`) and `results.merge`, which joins
+them per frame.
 
 A consumer turns Features into a TaskResult in original-frame coordinates. If its head raises on a frame,
 that frame loses this task's result only: the TaskResult carries the error text, the merge puts it into the
-frame's ``errors`` field, and the pipeline goes on. Subclass :class:`Consumer` and override ``compute`` to
-add a task (register it with ``@register_stage`` or through the ``ladon.stages`` entry-point group).
+frame's ``errors`` field, and the pipeline goes on. A task registered with ``codec.tasks.register_task`` gets
+its consumer stage here at once; a stage with other logic subclasses :class:`Consumer` and overrides
+``compute`` (registered with ``@register_stage`` or through the ``ladon.stages`` entry-point group).
 """
 from __future__ import annotations
 
 import time
 
-import cv2
-import numpy as np
-
+from codec.tasks import TASKS, Task, get_task, watch_tasks
+from codec.tasks import map_boxes, map_class_map  # noqa: F401 - re-exported (their former home)
 from pipeline.codecs import get_codec
-from pipeline.stage import Features, FrameResult, Letterbox, Stage, TaskResult, register_stage
-
-
-def map_boxes(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
-    """xyxy boxes in model-input pixels -> original-frame pixels (undo pad, undo scale, clip)."""
-    b = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
-    b[:, [0, 2]] -= lb.left
-    b[:, [1, 3]] -= lb.top
-    b /= lb.ratio
-    b[:, [0, 2]] = b[:, [0, 2]].clip(0, lb.orig_w)
-    b[:, [1, 3]] = b[:, [1, 3]].clip(0, lb.orig_h)
-    return b
-
-
-def map_class_map(cmap: np.ndarray, lb: Letterbox) -> np.ndarray:
-    """(S, S) class map in model-input pixels -> (H, W) of the original frame (crop the pad, resize nearest)."""
-    crop = np.ascontiguousarray(cmap[lb.top:lb.top + lb.unpad_h, lb.left:lb.left + lb.unpad_w])
-    if crop.shape[:2] == (lb.orig_h, lb.orig_w):
-        return crop.astype(np.uint8)
-    return cv2.resize(crop.astype(np.uint8), (lb.orig_w, lb.orig_h), interpolation=cv2.INTER_NEAREST)
+from pipeline.stage import Features, FrameResult, Letterbox, Stage, TaskResult, register_stage, unregister_stage
 
 
 def map_result(task: str, result, lb: Letterbox):
-    if task == "detection":
-        return {"boxes": map_boxes(result["boxes"], lb), "scores": np.asarray(result["scores"], np.float32),
-                "classes": np.asarray(result["classes"], np.int64)}
-    if task == "segmentation":
-        return map_class_map(np.asarray(result), lb)
-    return result
+    """A task's model-input result on the original frame (its ``to_frame`` hook); unregistered tasks: unchanged."""
+    return get_task(task).in_frame(result, lb) if task in TASKS else result
 
 
 class Consumer(Stage):
+    """Features -> TaskResult for the task named ``task``: its head on the shared body, then its ``to_frame``."""
     task = ""
     accepts = (Features,)
     emits = (TaskResult,)
@@ -84,22 +63,31 @@ class Consumer(Stage):
         return TaskResult(self.task or self.ctx.name, f, res, err, (time.perf_counter() - t0) * 1000.0)
 
 
-@register_stage
-class DetectionConsumer(Consumer):
-    key = "task.detection"
-    task = "detection"
+_TASK_CONSUMERS: dict[str, type[Consumer]] = {}  # task name -> the stage made for it here
 
 
-@register_stage
-class SegmentationConsumer(Consumer):
-    key = "task.segmentation"
-    task = "segmentation"
+def _add_consumer(task: Task) -> None:
+    """Register the ``task.<name>`` stage of a newly registered task (a stage registered earlier under that key,
+    e.g. a hand-written one, is kept)."""
+    name = "".join(part.title() for part in task.name.split("_")) + "Consumer"
+    cls = type(name, (Consumer,), {"__module__": __name__, "__qualname__": name,
+                                   "__doc__": f"Features -> {task.name}: {task.result}.",
+                                   "key": f"task.{task.name}", "task": task.name})
+    try:
+        register_stage(cls)
+    except ValueError:  # the key is taken
+        return
+    _TASK_CONSUMERS[task.name] = cls
 
 
-@register_stage
-class ClassificationConsumer(Consumer):
-    key = "task.classification"
-    task = "classification"
+def _remove_consumer(task: Task) -> None:
+    """Drop the stage :func:`_add_consumer` made for a task that is no longer registered."""
+    cls = _TASK_CONSUMERS.pop(task.name, None)
+    if cls is not None:
+        unregister_stage(cls.key)
+
+
+watch_tasks(_add_consumer, _remove_consumer)  # the built-ins now, plugin tasks when they register
 
 
 @register_stage

@@ -8,25 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from codec.tasks import TASKS, get_task, plain_json
+from codec.tasks import rle_decode, rle_encode, station_columns  # noqa: F401 - re-exported (their former home)
 from pipeline.errors import UsageError
 from pipeline.stage import FrameResult, ResultRecord, Stage, register_stage
-
-
-def rle_encode(cmap: np.ndarray) -> dict:
-    """Run-length encoding of a class map, row-major: values[i] repeated counts[i] times."""
-    flat = np.asarray(cmap).reshape(-1)
-    if flat.size == 0:
-        return {"size": list(cmap.shape), "values": [], "counts": []}
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate(([0], change))
-    counts = np.diff(np.concatenate((starts, [flat.size])))
-    return {"size": [int(cmap.shape[0]), int(cmap.shape[1])], "values": flat[starts].astype(int).tolist(),
-            "counts": counts.astype(int).tolist()}
-
-
-def rle_decode(rle: dict) -> np.ndarray:
-    h, w = rle["size"]
-    return np.repeat(np.asarray(rle["values"], np.uint8), np.asarray(rle["counts"], np.int64)).reshape(h, w)
 
 
 def _names(shared: dict, task: str) -> list[str]:
@@ -35,6 +20,9 @@ def _names(shared: dict, task: str) -> list[str]:
 
 
 def frame_to_json(fr: FrameResult, shared: dict | None = None) -> dict:
+    """A frame's JSONL record: the frame's own fields, then one field per task (its ``to_json`` hook in
+    :mod:`codec.tasks`, in registry order; results of unregistered tasks pass through when JSON-able), then
+    ``errors``."""
     shared = shared or {}
     lat = {k: round(float(v), 3) for k, v in fr.timings.items()}
     lat["total"] = round((fr.done_ns - fr.capture_ns) / 1e6, 3) if fr.capture_ns else None
@@ -43,29 +31,13 @@ def frame_to_json(fr: FrameResult, shared: dict | None = None) -> dict:
                           "done_ns": fr.done_ns},
            "latency_ms": lat, "bytes": fr.wire_bytes, "latent_shape": list(fr.latent_shape),
            "size": list(fr.size)}
-    det = fr.results.get("detection")
-    if det is not None:
-        names = _names(shared, "detection")
-        cls = [int(c) for c in det["classes"]]
-        obj["detection"] = {"boxes": [[round(float(v), 2) for v in b] for b in det["boxes"]],
-                            "scores": [round(float(s), 4) for s in det["scores"]], "classes": cls,
-                            "names": [names[c] if 0 <= c < len(names) else str(c) for c in cls]}
-    seg = fr.results.get("segmentation")
-    if seg is not None:
-        obj["segmentation"] = rle_encode(seg)
-    clf = fr.results.get("classification")
-    if clf is not None:
-        names = _names(shared, "classification")
-        lab = int(clf["label"])
-        obj["classification"] = {"label": lab, "name": names[lab] if 0 <= lab < len(names) else str(lab),
-                                 "top5": [[int(c), round(float(p), 4)] for c, p in clf.get("top5", [])]}
-    for task, res in fr.results.items():  # tasks added by plugins: JSON-able results pass through
-        if task not in obj and task not in ("detection", "segmentation", "classification"):
-            try:
-                json.dumps(res)
-                obj[task] = res
-            except TypeError:
-                obj[task] = repr(res)
+    for name in TASKS:
+        result = fr.results.get(name)
+        if result is not None and name not in obj:
+            obj[name] = get_task(name).json_value(result, _names(shared, name))
+    for name, result in fr.results.items():  # tasks nobody registered (plugin consumers): pass through
+        if name not in obj and name not in TASKS:
+            obj[name] = plain_json(result)
     obj["errors"] = dict(fr.errors)
     return obj
 
@@ -118,51 +90,16 @@ class JsonlSink(Stage):
             fh.close()
 
 
-_PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
-                     [0, 128, 128], [220, 190, 255], [170, 110, 40], [128, 0, 0]], np.uint8)
-
-
-def station_columns(w: int, h: int) -> tuple[int, int]:
-    """The inspection station's borders (``conveyor.classes.STATION`` of the square model input) in the columns of
-    a ``w`` x ``h`` original frame, through the centred letterbox the edge applies."""
-    from conveyor.classes import STATION
-
-    side = max(w, h)
-    return tuple(int(round(min(w - 1, max(0.0, w / 2 + (f - 0.5) * side)))) for f in STATION)
-
-
 def annotate(image: np.ndarray, fr: FrameResult, shared: dict | None = None, alpha: float = 0.4) -> np.ndarray:
-    """Draw boxes, the segmentation overlay (class 0 = background, left clear) and the label with cv2."""
+    """Draw every task's result with its ``draw`` hook (:mod:`codec.tasks`, in ``draw_order``: the segmentation
+    overlay, boxes, the station label), then the names of the tasks that failed on this frame."""
     import cv2
     shared = shared or {}
     out = np.ascontiguousarray(image.copy())
-    seg = fr.results.get("segmentation")
-    if seg is not None and seg.shape[:2] == out.shape[:2]:
-        mask = seg > 0
-        if mask.any():
-            color = _PALETTE[seg % len(_PALETTE)]
-            out[mask] = (out[mask] * (1 - alpha) + color[mask] * alpha).astype(np.uint8)
-    det = fr.results.get("detection")
-    names = _names(shared, "detection")
-    if det is not None:
-        for b, s, c in zip(det["boxes"], det["scores"], det["classes"]):
-            x1, y1, x2, y2 = (int(round(float(v))) for v in b)
-            col = tuple(int(v) for v in _PALETTE[int(c) % len(_PALETTE)])
-            cv2.rectangle(out, (x1, y1), (x2, y2), col, 1)
-            name = names[int(c)] if 0 <= int(c) < len(names) else str(int(c))
-            cv2.putText(out, f"{name} {float(s):.2f}", (x1, max(8, y1 - 2)), cv2.FONT_HERSHEY_PLAIN, 0.7, col, 1)
-    clf = fr.results.get("classification")
-    if clf is not None:
-        cn = _names(shared, "classification")
-        lab = int(clf["label"])
-        text = cn[lab] if 0 <= lab < len(cn) else str(lab)
-        p = clf["top5"][0][1] if clf.get("top5") else 0.0
-        h, w = out.shape[:2]
-        for x in station_columns(w, h):  # the inspection station the label speaks about
-            for y in range(0, h, 6):
-                cv2.line(out, (x, y), (x, min(h - 1, y + 2)), (255, 255, 255), 1)
-        cv2.putText(out, f"station: {text} {p:.2f}", (2, 12), cv2.FONT_HERSHEY_PLAIN, 0.9, (255, 255, 255), 1)
+    for task in sorted((get_task(name) for name in TASKS), key=lambda t: t.draw_order):
+        result = fr.results.get(task.name)
+        if result is not None and task.draw is not None:
+            task.draw(out, result, _names(shared, task.name), alpha)
     if fr.errors:
         cv2.putText(out, "err: " + ",".join(fr.errors), (2, out.shape[0] - 4), cv2.FONT_HERSHEY_PLAIN, 0.8,
                     (255, 0, 0), 1)

@@ -53,6 +53,8 @@ def _check_max(max_frames) -> int | None:
 
 
 class _Base(Source):
+    emits = (Frame,)
+
     def __init__(self, stream: int = 0, max_frames: int | None = None):
         self.stream = int(stream)
         self.max_frames = _check_max(max_frames)
@@ -396,6 +398,7 @@ def source_for(uri: str, **kw):
 class AutoSource(Source):
     """Picks the source from `uri` (see :func:`source_for`)."""
     key = "source.auto"
+    emits = (Frame,)
 
     def __init__(self, uri: str, **kw):
         self.inner = source_for(uri, **kw)

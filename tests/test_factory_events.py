@@ -34,7 +34,9 @@ def test_bad_rule_in_a_graph_yaml_stops_the_graph_with_one_line(tmp_path):
     p = tmp_path / "g.yaml"
     p.write_text("name: g\nstages:\n"
                  "  - {name: src, key: source.conveyor}\n"
-                 "  - {name: ev, key: events.items, inputs: [src], params: {rules: [{when: idle, after_s: soon}]}}\n")
+                 "  - {name: enc, key: edge.encode, inputs: [src], params: {checkpoint: 'random:64'}}\n"
+                 "  - {name: rec, key: server.record, inputs: [enc]}\n"
+                 "  - {name: ev, key: events.items, inputs: [rec], params: {rules: [{when: idle, after_s: soon}]}}\n")
     with pytest.raises(UsageError) as e:
         GraphRunner(load_graph(p))
     assert "rules[0].after_s 'soon'" in str(e.value)

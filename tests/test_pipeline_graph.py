@@ -135,3 +135,114 @@ def test_server_task_subset():
     assert spec.stage("merge").inputs == ["detection", "classification"]
     with pytest.raises(UsageError, match="colour"):
         select_tasks(spec, ["colour"])
+
+
+MISWIRED = [
+    # (upstream key, downstream key, what the message must name besides the two stages)
+    ("source.conveyor", "sink.jsonl", ("emits Frame", "accepts only FrameResult, ResultRecord")),
+    ("source.conveyor", "server.decode", ("emits Frame", "accepts only Packet", "edge.encode")),
+]
+
+
+@pytest.mark.parametrize("up,down,expected", MISWIRED)
+def test_miswired_graph_is_refused_naming_both_stages_and_types(up, down, expected):
+    data = {"name": "g", "stages": [{"name": "src", "key": up}, {"name": "out", "key": down, "inputs": ["src"]}]}
+    with pytest.raises(UsageError) as e:
+        parse_graph(data, "g.yaml")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("g.yaml: stages[1].inputs: ")
+    assert f"'src' ({up})" in msg and f"'out' ({down})" in msg
+    for text in expected:
+        assert text in msg
+
+
+def test_miswired_graph_exits_2_from_the_cli(tmp_path, capsys):
+    p = tmp_path / "g.yaml"
+    p.write_text("name: g\nstages:\n  - {name: source, key: source.conveyor}\n"
+                 "  - {name: jsonl, key: sink.jsonl, inputs: [source]}\n")
+    assert main(["run", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "'source' (source.conveyor) emits Frame" in err and "'jsonl' (sink.jsonl) accepts only FrameResult" in err
+
+
+def test_contracts_are_checked_again_when_a_parsed_graph_is_edited():
+    """Commands edit a parsed spec (--tasks, --pub): the runner checks the wiring it is given."""
+    from pipeline.graph import GraphRunner, StageSpec
+    spec = load_graph("server")
+    spec.stages.append(StageSpec("raw", "sink.jsonl", ["decode"], {"path": "unused.jsonl"}))
+    with pytest.raises(UsageError, match=r"'decode' \(server.decode\) emits Features"):
+        GraphRunner(spec)
+
+
+def test_shipped_graphs_pass_the_contract_check():
+    from pipeline.graph import CONFIG_DIR
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        assert load_graph(path).stages, path
+
+
+def test_builtin_stage_modules_are_declared_as_entry_points():
+    """pyproject.toml declares the built-in modules in the ladon.stages group; the fallback list is the same."""
+    import tomllib
+    from importlib.metadata import entry_points
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["entry-points"]["ladon.stages"]
+    assert declared == {m: m for m in stage_mod.BUILTIN_STAGE_MODULES}, (
+        "a built-in stage module goes into both pyproject.toml [project.entry-points.\"ladon.stages\"] "
+        "(\"module\" = \"module\") and pipeline.stage.BUILTIN_STAGE_MODULES")
+    installed = {ep.name: ep.value for ep in entry_points(group=stage_mod.ENTRY_POINT_GROUP) if stage_mod._is_own(ep)}
+    if not installed:
+        pytest.skip("the project is not installed (pip install -e .): built-ins come from the fallback list")
+    assert installed == declared, "installed metadata is stale: run pip install --no-deps --no-build-isolation -e ."
+
+
+def test_builtins_load_without_installed_entry_points():
+    """A checkout used without `pip install -e .` still finds every built-in stage (the fallback list)."""
+    import subprocess
+    code = ("import importlib.metadata as md; md.entry_points = lambda **kw: []\n"
+            "import pipeline.stage as s; keys = s.available_stages()\n"
+            "need = {'source.video', 'edge.encode', 'server.decode', 'task.detection', 'task.classification',"
+            " 'results.merge', 'sink.jsonl', 'worker.jobs', 'track.items', 'sink.mqtt'}\n"
+            "print(sorted(need - set(keys)))")
+    from pathlib import Path
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_entry_point_module_plugin_registers_its_stages_and_a_broken_one_is_named(tmp_path, monkeypatch):
+    (tmp_path / "ladon_test_modules.py").write_text(textwrap.dedent('''
+        from pipeline.stage import Stage, register_stage
+
+        @register_stage
+        class Echo(Stage):
+            """Test plugin module: passes messages through."""
+            key = "test.echo"
+
+            def process(self, msg):
+                return msg
+    '''))
+    di = tmp_path / "ladon_test_modules-0.1.dist-info"
+    di.mkdir()
+    (di / "METADATA").write_text("Metadata-Version: 2.1\nName: ladon-test-modules\nVersion: 0.1\n")
+    (di / "entry_points.txt").write_text("[ladon.stages]\ntest.modules = ladon_test_modules\n"
+                                         "test.broken = ladon_test_no_such_module\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    monkeypatch.setattr(stage_mod, "_ENTRY_POINTS_LOADED", False)
+    monkeypatch.setattr(stage_mod, "_EP_ERRORS", {})
+    try:
+        assert "test.echo" in stage_mod.available_stages()
+        assert stage_mod.get_stage_class("test.echo").__module__ == "ladon_test_modules"
+        with pytest.raises(UsageError, match="entry point 'test.broken' failed to load.*ladon_test_no_such_module"):
+            stage_mod.get_stage_class("test.nothing")
+    finally:
+        stage_mod.unregister_stage("test.echo")
+        sys.modules.pop("ladon_test_modules", None)
+
+
+def test_list_stages_uses_the_public_registry(capsys):
+    assert main(["run", "--list-stages"]) == 0
+    out = capsys.readouterr().out
+    assert "task.detection" in out and "stages.consumers.DetectionConsumer" in out and "source.conveyor" in out

@@ -30,9 +30,9 @@ def check_max_frames(n) -> None:
 
 
 def list_stages() -> int:
-    from pipeline.stage import _REGISTRY, available_stages
+    from pipeline.stage import available_stages, get_stage_class
     for k in available_stages():
-        cls = _REGISTRY[k]
+        cls = get_stage_class(k)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         print(f"{k:24s} {cls.__module__}.{cls.__name__}  {doc}")
     return 0
@@ -44,8 +44,9 @@ def drop_console(spec: GraphSpec) -> None:
 
 
 def select_tasks(spec: GraphSpec, tasks: list[str]) -> None:
-    """Keep only the task consumers named in ``tasks`` (detection, segmentation, classification)."""
-    allowed = {"detection", "segmentation", "classification"}
+    """Keep only the task consumers named in ``tasks`` (names registered in :mod:`codec.tasks`)."""
+    from codec.tasks import TASKS
+    allowed = set(TASKS)
     bad = [t for t in tasks if t not in allowed]
     if bad or not tasks:
         raise UsageError(f"--tasks {','.join(tasks)!r}: choose a comma-separated subset of {', '.join(sorted(allowed))}")
