@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from benchmarks import media
-from codec.evaluate import _add, suite_footage
+from codec.evaluate import suite_footage
 from codec.metrics import TaskMetrics
 from transport.wire import HEADER_SIZE
 
@@ -32,7 +32,7 @@ def eval_frames(frames: int, seed: int, size: int) -> tuple[np.ndarray, list]:
 def score(codec, results: list[dict], truth: list) -> dict:
     m = TaskMetrics(len(codec.class_names["detection"]), len(codec.class_names["segmentation"]))
     for r, gt in zip(results, truth):
-        _add(m, r, gt)
+        m.add_frame(r, gt)
     s = m.summary()
     return {k: float(s.get(k, 0.0)) for k in METRICS}
 

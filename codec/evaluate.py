@@ -90,12 +90,6 @@ def load_footage(video: Path, gt: Path | None, size: int) -> tuple[np.ndarray, l
     return letterboxed(images, truth, size)
 
 
-def _add(metrics: TaskMetrics, result: dict, truth) -> None:
-    metrics.add_detection(result["detection"], truth.boxes, truth.classes)
-    metrics.add_segmentation(result["segmentation"], truth.semantic)
-    metrics.add_classification(result["classification"]["label"], truth.label)
-
-
 def score(codec: SplitCodec, images: np.ndarray, truth: list, batch: int = 8, progress: bool = True,
           desc: str = "eval") -> dict:
     """Teacher and student metrics, payload sizes against the estimate and JPEG q90, on given frames."""
@@ -114,8 +108,8 @@ def score(codec: SplitCodec, images: np.ndarray, truth: list, batch: int = 8, pr
         teacher = codec.teachers_on_frames(chunk, conf=0.001)
         for i, (s, t) in enumerate(zip(student, teacher)):
             gt = truth[start + i]
-            _add(student_m, s, gt)
-            _add(teacher_m, t, gt)
+            student_m.add_frame(s, gt)
+            teacher_m.add_frame(t, gt)
     sizes_a, est_a = np.asarray(sizes, dtype=np.float64), np.asarray(estimates)
     return {
         "frames": int(len(images)),
