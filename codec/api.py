@@ -151,6 +151,7 @@ class SplitCodec(_EntropyCoding):
                                              model.teachers.yaml_dicts(), self.entropy_bottleneck,
                                              entropy_coder)
         self.class_names = {t: model.teachers.names(t) for t in TASKS}
+        self.fused = False
         self.latent_shape = (model.spec.latent_channels, self.input_size // 4, self.input_size // 4)
         self.metadata: dict = {}
 
@@ -225,6 +226,17 @@ class SplitCodec(_EntropyCoding):
                                    end2end=self._end2end) for t in tasks}
         return [{t: per_task[t][i] for t in tasks} for i in range(x.shape[0])]
 
+    def fuse(self) -> "SplitCodec":
+        """Fold every BatchNorm into its convolution (Ultralytics' ``fuse``) for inference: about 10 % less server
+        time, results equal within float rounding. A fused codec cannot be saved (its weights no longer match the
+        architecture in its YAMLs); load_codec fuses by default."""
+        if not self.fused:
+            t = self.model.teachers
+            for m in (t.detect, t.semantic, t.classify):  # shared backbone modules are fused once, by the first
+                m.fuse()
+            self.fused = True
+        return self
+
     @property
     def _end2end(self) -> bool:
         return bool(getattr(self.model.teachers.detect, "end2end", False))
@@ -232,6 +244,9 @@ class SplitCodec(_EntropyCoding):
     # ------------------------------------------------------------- checkpoints
     def save(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write the full checkpoint (teachers once, student, CDF tables, fingerprint) atomically."""
+        if self.fused:
+            raise CodecError("this codec's BatchNorms are folded for inference (load_codec(..., fuse=True)); "
+                             "save the codec training returns, or load with fuse=False")
         m = self.model
         state = {
             "format": FORMAT, "version": FORMAT_VERSION, "input_size": m.input_size,
@@ -351,8 +366,9 @@ def _coder_name(state: dict, path) -> str:
     return name
 
 
-def load_codec(path: str | Path | None = None) -> SplitCodec:
-    """Load a full checkpoint (None: the shipped default). Raises CheckpointError on a foreign or broken file."""
+def load_codec(path: str | Path | None = None, fuse: bool = True) -> SplitCodec:
+    """Load a full checkpoint (None: the shipped default), for inference (``fuse``: BatchNorms folded, see
+    :meth:`SplitCodec.fuse`). Raises CheckpointError on a foreign or broken file."""
     from codec.model import SplitModel
     from codec.teachers import MultiTaskTeachers
 
@@ -372,7 +388,7 @@ def load_codec(path: str | Path | None = None) -> SplitCodec:
     if codec.fingerprint.hex() != state["fingerprint"]:
         raise CheckpointError(f"{path}: stored fingerprint {state['fingerprint']} does not match its tables "
                               f"({codec.fingerprint.hex()}); the file is corrupt or was edited")
-    return codec
+    return codec.fuse() if fuse else codec
 
 
 def load_edge(path: str | Path | None = None) -> EdgeCodec:

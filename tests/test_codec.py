@@ -83,6 +83,18 @@ def test_checkpoint_save_load_keeps_cdf_tables_and_bytes(codec, frames, checkpoi
     # the server decodes what the edge-only process encoded, and the heads give per-frame results
     results = loaded.heads(loaded.decode(edge.encode(frames)))
     assert len(results) == len(frames)
+    # load_codec folds BatchNorms for inference: the same results as the unfused model, and it refuses to be saved
+    plain = load_codec(checkpoint, fuse=False)
+    assert loaded.fused and not plain.fused
+    ref = plain.heads(plain.decode(edge.encode(frames)), conf=0.0)
+    got = loaded.heads(loaded.decode(edge.encode(frames)), conf=0.0)
+    for r, g in zip(ref, got):
+        assert len(r["detection"]["boxes"]) == len(g["detection"]["boxes"])
+        np.testing.assert_allclose(r["detection"]["boxes"], g["detection"]["boxes"], atol=1e-2)
+        assert (r["segmentation"] == g["segmentation"]).mean() > 0.999
+        assert r["classification"]["label"] == g["classification"]["label"]
+    with pytest.raises(CodecError, match="folded"):
+        loaded.save(tmp_path / "fused.pt")
     assert results[0]["segmentation"].shape == (SIZE, SIZE)
     assert set(results[0]["detection"]) == {"boxes", "scores", "classes"}
 
