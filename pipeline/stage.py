@@ -167,6 +167,8 @@ class Stage:
     accepts: ClassVar[tuple[type, ...]] = ()
     #: message types it emits (checked against each downstream stage's ``accepts``); empty = not declared
     emits: ClassVar[tuple[type, ...]] = ()
+    #: runs a neural network (PyTorch / onnxruntime): counts towards the graph's thread budget
+    runs_model: ClassVar[bool] = False
     #: when True the runtime calls process(msg) under a try: a raising call loses that message only
     tolerate_errors: ClassVar[bool] = False
 

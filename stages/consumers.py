@@ -27,6 +27,7 @@ class Consumer(Stage):
     task = ""
     accepts = (Features,)
     emits = (TaskResult,)
+    runs_model = True
 
     def __init__(self, checkpoint=None, conf: float | None = None):
         self.checkpoint = checkpoint

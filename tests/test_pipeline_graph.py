@@ -246,3 +246,30 @@ def test_list_stages_uses_the_public_registry(capsys):
     assert main(["run", "--list-stages"]) == 0
     out = capsys.readouterr().out
     assert "task.detection" in out and "stages.consumers.DetectionConsumer" in out and "source.conveyor" in out
+
+
+def test_thread_budget_is_shared_by_the_model_stages(tmp_path):
+    """Torch's thread count is per process: the graph's budget is split over the stages that run models."""
+    import os
+
+    import torch
+
+    from pipeline.graph import GraphRunner, model_threads
+
+    assert model_threads(8, 3) == 2 and model_threads(2, 5) == 1 and model_threads(4, 0) == 4
+    assert model_threads(None, 1) == (os.cpu_count() or 1)
+    with pytest.raises(UsageError, match="threads"):
+        parse_graph({"name": "g", "threads": 0, "stages": [{"name": "s", "key": "source.conveyor"}]}, "g.yaml")
+    doc = {"name": "g", "threads": 3, "stages": [
+        {"name": "src", "key": "source.conveyor", "params": {"max_frames": 1}},
+        {"name": "enc", "key": "edge.encode", "inputs": ["src"], "params": {"checkpoint": "random:64"}},
+        {"name": "dec", "key": "server.decode", "inputs": ["enc"], "params": {"checkpoint": "random:64"}},
+        {"name": "det", "key": "task.detection", "inputs": ["dec"]}]}
+    before = torch.get_num_threads()
+    runner = GraphRunner(parse_graph(doc, "g.yaml"))
+    try:
+        runner.open()
+        assert runner.model_threads == 1 and torch.get_num_threads() == 1  # 3 cores over 3 model stages
+    finally:
+        runner.close_opened()
+        torch.set_num_threads(before)
