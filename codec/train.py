@@ -132,9 +132,11 @@ def train_teachers(cfg: TrainConfig, run: Path, data_dir: Path) -> MultiTaskTeac
     final = root / "teachers.pt"
     if final.is_file():
         return MultiTaskTeachers.from_state(torch.load(final, map_location="cpu", weights_only=True))
-    common = dict(imgsz=cfg.input_size, batch=t.batch, workers=t.workers, device="cpu", plots=True, amp=False,
-                  seed=cfg.seed, deterministic=True, project=str(root), exist_ok=True, verbose=False,
-                  patience=1000, **t.train_args)
+    gpu = torch.cuda.is_available()  # Ultralytics' own device handling: GPU 0 (and AMP) where there is one
+    common = dict(imgsz=cfg.input_size, batch=t.batch, workers=t.workers, device=0 if gpu else "cpu", plots=True,
+                  amp=gpu, seed=cfg.seed, deterministic=not gpu, project=str(root), exist_ok=True, verbose=False,
+                  patience=1000)
+    common.update(t.train_args)  # e.g. {device: "0,1"} for several GPUs, {nbs: 16}
     jobs = [
         ("detect", t.detect_yaml, data_dir / "detect" / "data.yaml",
          dict(epochs=t.epochs, **({"time": t.time} if t.time else {}))),
