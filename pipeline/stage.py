@@ -204,7 +204,7 @@ def now_ms(t0: float) -> float:
 BUILTIN_STAGE_MODULES = (
     "stages.sources", "stages.edge", "stages.server", "stages.consumers", "stages.sinks", "stages.workers",
     "stages.factory.tracking", "stages.factory.counting", "stages.factory.events", "stages.factory.mqtt_sink",
-    "stages.factory.metrics",
+    "stages.factory.metrics", "stages.factory.opcua_sink", "stages.factory.webview",
 )
 
 _REGISTRY: dict[str, type[Stage]] = {}

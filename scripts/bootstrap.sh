@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup: a virtual environment in the checkout with the pinned packages, plus the Debian
-# packages the project uses (real garment images, the ffmpeg CLI for stream tests) where apt exists.
+# packages the project uses (real garment images, the ffmpeg CLI for stream tests, mosquitto for the MQTT tests,
+# headless chromium for the live-view test) where apt exists.
 # A stamp file holds the hash of the pins, so a second run costs a few milliseconds.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,6 +13,7 @@ need_apt=()
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
 command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)
 { command -v mosquitto || [ -x /usr/sbin/mosquitto ]; } >/dev/null 2>&1 || need_apt+=(mosquitto)  # MQTT sink tests
+{ command -v chromium || command -v chromium-browser; } >/dev/null 2>&1 || need_apt+=(chromium)  # live-view test
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "[bootstrap] apt-get install ${need_apt[*]}" >&2

@@ -7,11 +7,13 @@ with the shipped model, and writes OUT/results.jsonl, OUT/annotated.mp4 and OUT/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import sys
 from pathlib import Path
 
 from pipeline.commands._common import add_common, check_max_frames, list_stages, load, run_graph
+from pipeline.commands._factory import add_factory_arguments, factory_plan
 from pipeline.errors import UsageError
 from pipeline.graph import VAR_NAME, graph_variables, load_yaml
 
@@ -29,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(repeatable; VALUE is read as YAML)")
     p.add_argument("--insecure", action="store_true",
                    help="run tcp links without CurveZMQ (by default throwaway keys are made in OUT/keys)")
+    add_factory_arguments(p, "run")
     add_common(p)
 
 
@@ -81,7 +84,9 @@ def run(args) -> int:
     if args.list_stages:
         return list_stages()
     check_max_frames(args.max_frames)
-    sets = _parse_sets(args.set, args.config or "demo")
+    plan = factory_plan(args, "run")  # --factory, --mqtt, ...: the factory graph (or fill --config's variables)
+    config = args.config or (plan.config if plan is not None else None) or "demo"
+    sets = _parse_sets(args.set, config)
     out = Path(args.out)
     variables = {"out": str(out), "rate": args.rate, "max_frames": args.max_frames,
                  "endpoint": f"tcp://127.0.0.1:{free_port()}", "checkpoint": args.checkpoint}
@@ -105,10 +110,15 @@ def run(args) -> int:
         from transport.security import demo_keys
         variables.update(demo_keys(out / "keys"))
         variables["insecure"] = False
-    variables.update(sets)
-    variables = {k: v for k, v in variables.items() if not (v is None and k in ("source",))}
-    spec = load(args.config or "demo", variables)
-    rc = run_graph(spec, out / "summary.json", quiet=args.quiet)
+    with plan.services() if plan is not None else contextlib.nullcontext():  # run --mqtt: a local broker
+        if plan is not None:
+            variables.update(plan.variables)
+        variables.update(sets)
+        variables = {k: v for k, v in variables.items() if not (v is None and k in ("source",))}
+        spec = load(config, variables)
+        if plan is not None:
+            plan.apply(spec)
+        rc = run_graph(spec, out / "summary.json", quiet=args.quiet)
     if demo and rc == 0:
         print(f"wrote {out / 'results.jsonl'}, {out / 'annotated.mp4'} and {out / 'summary.json'}", file=sys.stderr)
     return rc

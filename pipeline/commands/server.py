@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.commands._common import (add_common, check_max_frames, list_stages, load, run_graph, select_tasks)
+from pipeline.commands._factory import add_factory_arguments, check_tasks_for_factory, factory_plan
 from pipeline.errors import UsageError
 from pipeline.graph import StageSpec
 from transport.link import check_endpoint
@@ -34,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", default=None, metavar="ENDPOINT",
                    help="topology (b): bind ENDPOINT for worker processes (`run --config worker`) and hand each "
                         "frame to one of them instead of decoding here")
+    add_factory_arguments(p, "server")
     add_common(p)
 
 
@@ -48,9 +50,21 @@ def run(args) -> int:
                  "insecure": bool(args.insecure), "window": args.window, "workers": args.workers}
     if args.workers:
         check_endpoint(args.workers, "--workers")
-    spec = load(args.config or ("server_workers" if args.workers else "server"), variables)
+    plan = factory_plan(args, "server")  # --factory, --mqtt, ...: the factory graph (or fill --config's variables)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if plan is not None:
+        if args.workers and plan.config is not None:
+            raise UsageError("--workers with the factory options: the factory stages need the task results in this "
+                             "process (results.merge), which topology (b) leaves to the workers; drop --workers")
+        if plan.config is not None:
+            check_tasks_for_factory(tasks)
+        variables.update(plan.variables)
+    default = plan.config if plan is not None and plan.config else ("server_workers" if args.workers else "server")
+    spec = load(args.config or default, variables)
     if not args.workers:
-        select_tasks(spec, [t.strip() for t in args.tasks.split(",") if t.strip()])
+        select_tasks(spec, tasks)
+    if plan is not None:
+        plan.apply(spec)
     if args.pub:
         check_endpoint(args.pub, "--pub")
         merges = [s.name for s in spec.stages if s.key == "results.merge"]
