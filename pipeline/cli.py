@@ -1,8 +1,9 @@
 """`run_pipeline.py`: one entry point with sub-commands.
 
 Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``, so the
-command owners never edit this file to change their options. A command whose module is not there yet says
-which issue brings it and exits 2 instead of pretending to work.
+command owners never edit this file to change their options. A command whose module cannot be imported (a
+device install without the server packages, a broken checkout) says which module is missing and how to install
+it, and exits 2, while the other commands keep working.
 """
 from __future__ import annotations
 
@@ -14,28 +15,26 @@ from typing import Sequence
 import pipeline.offline  # noqa: F401  (before anything imports ultralytics)
 from pipeline.errors import UsageError
 
-# name -> (module implementing it, one-line help, issue that brings it)
-COMMANDS: dict[str, tuple[str, str, int]] = {
-    "run": ("pipeline.commands.run", "run a pipeline graph (default: the built-in demo, both ends on this machine)", 4),
-    "edge": ("pipeline.commands.edge", "run the edge half: source -> letterbox -> encoder -> entropy coder -> ZeroMQ", 4),
-    "server": ("pipeline.commands.server", "run the server half: ZeroMQ -> decode -> shared body -> task consumers -> sinks", 4),
-    "data": ("conveyor.cli", "generate a conveyor-line video with ground truth and Ultralytics datasets", 2),
-    "train": ("codec.train_cli", "train teachers, stage 1 and stage 2 of the split model", 3),
-    "eval": ("codec.eval_cli", "evaluate teachers and the split model on a fresh conveyor-line video", 3),
-    "bench": ("benchmarks.cli", "rate/accuracy, device cost and latency benchmarks against JPEG, H.264 and local", 6),
-    "keys": ("transport.keys_cli", "make CurveZMQ key pairs for secure tcp links", 5),
+# name -> (module implementing it, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("pipeline.commands.run", "run a pipeline graph (default: the built-in demo, both ends on this machine)"),
+    "edge": ("pipeline.commands.edge", "run the edge half: source -> letterbox -> encoder -> entropy coder -> ZeroMQ"),
+    "server": ("pipeline.commands.server", "run the server half: ZeroMQ -> decode -> shared body -> task consumers -> sinks"),
+    "data": ("conveyor.cli", "generate a conveyor-line video with ground truth and Ultralytics datasets"),
+    "train": ("codec.train_cli", "train teachers, stage 1 and stage 2 of the split model"),
+    "eval": ("codec.eval_cli", "evaluate teachers and the split model on held-out conveyor lines or labelled footage"),
+    "bench": ("benchmarks.cli", "rate/accuracy, device cost and latency benchmarks against JPEG, H.264 and local"),
+    "keys": ("transport.keys_cli", "make CurveZMQ key pairs for secure tcp links"),
 }
 DEFAULT_COMMAND = "run"
 
 
 def _load(name: str):
-    module_name = COMMANDS[name][0]
+    """The command's module, or the ImportError that stops it (reported only when that command is used)."""
     try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            return None
-        raise
+        return importlib.import_module(COMMANDS[name][0])
+    except ImportError as exc:
+        return exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,14 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
         "With no sub-command, runs the built-in demo.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text, issue) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         module = _load(name)
-        p = sub.add_parser(name, help=help_text if module else f"{help_text} [not built yet: issue #{issue}]",
+        broken = isinstance(module, ImportError)
+        p = sub.add_parser(name, help=f"{help_text} [unavailable: {module}]" if broken else help_text,
                            description=help_text)
-        if module is not None:
+        if not broken:
             module.add_arguments(p)
-        p.set_defaults(_module=module, _issue=issue)
+        p.set_defaults(_module=module)
     return parser
+
+
+def _missing(command: str, exc: ImportError) -> int:
+    """One line for a command whose packages are not installed (e.g. `train` on a device with the edge only)."""
+    missing = getattr(exc, "name", None) or str(exc)
+    print(f"error: '{command}' needs the module {missing!r}, which is not installed here; a device install has the "
+          f"edge only (pip install .[edge]); install the rest with `pip install .[server]` or "
+          f"`bash scripts/bootstrap.sh`", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,12 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv.insert(0, DEFAULT_COMMAND)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args._module is None:
-        print(f"error: '{args.command}' is not built yet (it arrives with issue #{args._issue}); "
-              f"see README.md for what works today", file=sys.stderr)
-        return 2
+    if isinstance(args._module, ImportError):
+        return _missing(args.command, args._module)
     try:
         return int(args._module.run(args) or 0)
+    except ModuleNotFoundError as exc:  # a package the command imports lazily (torch, ultralytics...)
+        return _missing(args.command, exc)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

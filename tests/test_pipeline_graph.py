@@ -273,3 +273,16 @@ def test_thread_budget_is_shared_by_the_model_stages(tmp_path):
     finally:
         runner.close_opened()
         torch.set_num_threads(before)
+
+
+def test_a_command_whose_packages_are_missing_says_so_in_one_line():
+    """A device install has the edge only: `bench` there names the missing module and the install, exit 2."""
+    import subprocess
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from pipeline.cli import main\n"
+            "sys.exit(main(['bench', '--quick']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "'torch'" in lines[0] and "pip install .[server]" in lines[0]
