@@ -7,11 +7,8 @@ shared body and heads); metrics come from :class:`codec.metrics.TaskMetrics` and
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from pathlib import Path
 
-import cv2
 import numpy as np
 
 from benchmarks import media

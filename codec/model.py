@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import torch
 from compressai.entropy_models import EntropyBottleneck
-from compressai.models.utils import update_registered_buffers
 from torch import nn
 
 from codec.student import EdgeEncoder, ServerDecoder, StudentSpec
-from codec.teachers import BODY_END, MultiTaskTeachers
+from codec.teachers import MultiTaskTeachers
 
 SPLIT_LAYER = 2  # YOLO26 layer 2: end of the stride-4 stage
-FEATURE_LAYERS = (2, 4, 6, 8, 10)  # where stage 1 matches the teacher (split point and later backbone stages)
-from codec.api import CDF_BUFFERS  # noqa: E402  (one definition, shared with the edge)
 
 
 class SplitModel(nn.Module):
@@ -53,12 +50,3 @@ class SplitModel(nn.Module):
     def teacher_features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         return self.teachers.backbone(x)
 
-    def load_cdf_state(self, state: dict) -> None:
-        """Load entropy-model state whose CDF buffers have another size than ours (CompressAI pitfall)."""
-        prefixed = {f"entropy_bottleneck.{k}": v for k, v in state.items()}
-        update_registered_buffers(self.entropy_bottleneck, "entropy_bottleneck", list(CDF_BUFFERS), prefixed,
-                                  policy="resize")
-        self.entropy_bottleneck.load_state_dict(state)
-
-
-BODY_LAYERS = tuple(range(SPLIT_LAYER + 1, BODY_END))

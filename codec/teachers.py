@@ -250,9 +250,3 @@ def _num_classes(model: nn.Module) -> int:
             return int(getattr(head, attr))
     linear = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     return int(linear[-1].out_features if isinstance(linear[-1], nn.Linear) else linear[-1].out_channels)
-
-
-def teachers_forward(teachers: MultiTaskTeachers, x: torch.Tensor, tasks: Iterable[str] = TASKS) -> dict:
-    """All requested heads on raw frames (the 'teachers on raw frames' reference): backbone once, heads fan out."""
-    cache = teachers.backbone(x)
-    return {t: teachers.head_raw(t, cache) for t in tasks}

@@ -56,10 +56,6 @@ def select_tasks(spec: GraphSpec, tasks: list[str]) -> None:
         s.inputs = [i for i in s.inputs if i not in gone]
 
 
-def add_stage(spec: GraphSpec, stage: StageSpec) -> None:
-    spec.stages.append(stage)
-
-
 class _Signals:
     """First SIGINT/SIGTERM: stop the sources, let in-flight frames finish, close files. Second: exit now."""
 
