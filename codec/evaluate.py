@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from codec.api import SplitCodec
 from codec.metrics import TaskMetrics
-from codec.teachers import TASKS
+from codec.tasks import TASKS
 
 SUITES = {"heldout": "heldout", "train": "train"}  # suite name -> belt set of conveyor.belts
 LINES_PER_SUITE = 3

@@ -13,13 +13,12 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
 
 import pipeline.offline  # noqa: F401
-from codec.tasks import TASKS, HeadOptions, get_task
+from codec.tasks import TASKS, HeadOptions, get_task  # noqa: F401  (TASKS re-exported: codec.teachers.TASKS)
 from conveyor.classes import STATION
 from ultralytics.nn.tasks import ClassificationModel, DetectionModel, SemanticSegmentationModel, load_checkpoint
 

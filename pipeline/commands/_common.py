@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import IncompleteInput, UsageError
-from pipeline.graph import GraphRunner, GraphSpec, StageSpec, load_graph
+from pipeline.graph import GraphRunner, GraphSpec, load_graph
 
 
 def add_common(p: argparse.ArgumentParser, out: bool = True) -> None:
