@@ -1,6 +1,7 @@
 """Server half: ZeroMQ PULL -> wire checks -> entropy decode + decoder + shared body once per frame."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Iterator
 
@@ -8,6 +9,18 @@ from pipeline.codecs import get_codec
 from pipeline.stage import Features, FrameResult, Packet, Source, Stage, register_stage
 from stages.edge import letterbox_params
 from transport import wire
+
+
+def _number(value, name: str, kind: type, lo: float, what: str):
+    """``value`` as ``kind`` (int or float), at least ``lo``; a UsageError naming the parameter otherwise."""
+    from pipeline.errors import UsageError
+    try:
+        x = kind(value)
+    except (TypeError, ValueError):
+        x = None
+    if x is None or isinstance(value, bool) or not math.isfinite(x) or x < lo:
+        raise UsageError(f"server.receive {name} {value!r}: give the {what}, >= {lo:g}")
+    return x
 
 
 @register_stage
@@ -24,7 +37,13 @@ class ServerReceive(Source):
     Limits (transport.session.ServerSession): ``max_payload`` bytes per frame, ``max_frame_side`` pixels for the
     original frame's width and height a frame may declare (default 4096: the video sink and the result mapping
     work at that size), ``window`` frames in flight per stream; a stream belongs to the key that opened it
-    (``owner_timeout_s``: how long its owner may be silent before another key can take it over)."""
+    (``owner_timeout_s``: how long its owner may be silent before another key can take it over).
+
+    Per peer (its CURVE key, without keys its address): ``max_streams_per_peer`` streams held at once, new
+    sessions at ``session_rate`` per second (after a burst of ``max_streams_per_peer``), ``peer_rate`` costly
+    messages per second (hellos, goodbyes, refused or repeated frames; beyond, its messages are dropped unread);
+    of ``max_streams`` slots, those of streams silent for ``reclaim_s`` (default ``owner_timeout_s``) go to new
+    streams that need them. Messages are served in turns across peers (fair queuing)."""
     key = "server.receive"
     live = False
 
@@ -32,7 +51,9 @@ class ServerReceive(Source):
                  max_frames=None, hwm: int = 16, drain_s: float = 10.0, idle_timeout_s: float | None = None,
                  window: int = 8, secret_key: str | None = None, allowed_keys: str | None = None,
                  insecure: bool = False, max_payload: int = 4 * 1024 * 1024, status_s: float = 0.0,
-                 bye_grace_s: float = 8.0, max_frame_side: int = 4096, owner_timeout_s: float = 3.0):
+                 bye_grace_s: float = 8.0, max_frame_side: int = 4096, owner_timeout_s: float = 3.0,
+                 max_streams: int = 256, max_streams_per_peer: int = 32, session_rate: float = 2.0,
+                 reclaim_s: float | None = None, peer_rate: float = 1000.0):
         from pipeline.errors import UsageError
         from transport.link import check_endpoint
         from transport.security import server_security
@@ -55,6 +76,16 @@ class ServerReceive(Source):
         self.owner_timeout_s = float(owner_timeout_s)
         if self.owner_timeout_s <= 0:
             raise UsageError(f"server.receive owner_timeout_s {owner_timeout_s!r}: give seconds > 0 (default 3)")
+        self.limits = {"max_streams": _number(max_streams, "max_streams", int, 1, "streams held at once (256)"),
+                       "max_streams_per_peer": _number(max_streams_per_peer, "max_streams_per_peer", int, 1,
+                                                       "streams one peer may hold (32)"),
+                       "session_rate": _number(session_rate, "session_rate", float, 1e-3,
+                                               "new sessions per second per peer (2)"),
+                       "reclaim_s": _number(reclaim_s if reclaim_s not in (None, "") else self.owner_timeout_s,
+                                            "reclaim_s", float, 1e-3,
+                                            "seconds of silence before a stream's slot may be reused (3)"),
+                       "peer_rate": _number(peer_rate, "peer_rate", float, 1.0,
+                                            "costly messages per second per peer (1000)")}
         self.security = server_security(endpoint, secret_key, allowed_keys, bool(insecure), who="server")
 
     def open(self, ctx) -> None:
@@ -70,7 +101,8 @@ class ServerReceive(Source):
         self.session = ServerSession(self.endpoint, self.codec.fingerprint, self.latent_shape, self.commit,
                                      security=self.security, window=self.window, max_payload=self.max_payload,
                                      log=ctx.log, bind=self.bind, name=ctx.name,
-                                     max_frame_side=self.max_frame_side, owner_timeout_s=self.owner_timeout_s)
+                                     max_frame_side=self.max_frame_side, owner_timeout_s=self.owner_timeout_s,
+                                     **self.limits)
         ctx.shared["server_endpoint"] = self.session.endpoint
         ctx.shared["link_status"] = self.session.status
         self.refused = self.session.refused
@@ -79,6 +111,7 @@ class ServerReceive(Source):
         ex = self.ctx.stats.extra
         ex["refused"] = dict(self.session.refused)
         ex["bytes"] = self.session.bytes
+        ex["reclaimed"] = self.session.reclaimed
         self.ctx.stats.errors = sum(self.session.refused.values())
 
     def frames(self) -> Iterator[Packet]:
@@ -187,6 +220,7 @@ class ServerDecode(Stage):
     key = "server.decode"
     accepts = (Packet,)
     emits = (Features,)
+    runs_model = True
 
     def __init__(self, checkpoint=None):
         self.checkpoint = checkpoint

@@ -77,6 +77,11 @@ class JsonlSink(Stage):
 
     def process(self, fr):
         obj = fr.record if isinstance(fr, ResultRecord) else frame_to_json(fr, self.ctx.shared)
+        session_of = getattr(self.ctx.shared.get("commit"), "session_of", None)
+        if session_of is not None and "session" not in obj:  # the edge run this row belongs to
+            run = session_of(int(obj["stream"]), int(obj["frame"]))
+            if run is not None:
+                obj = {"stream": obj["stream"], "frame": obj["frame"], "session": run, **obj}
         line = json.dumps(obj, separators=(",", ":")) + "\n"
         self.fh.write(line)
         self.fh.flush()

@@ -5,7 +5,8 @@ worker is a graph of its own (``configs/pipelines/worker.yaml``: ``worker.jobs``
 merge -> ``worker.reply``) that connects with a DEALER, announces how many frames it takes at once
 (``capacity``, its credits) and heartbeats. The dispatcher hands frames out round-robin over streams (no stream
 starves) to the worker with the most free credit, puts each stream's results back in arrival order and emits
-them (:class:`pipeline.stage.ResultRecord`) to the sinks. Adding a worker adds throughput. A worker silent for
+them (:class:`pipeline.stage.ResultRecord`, with the ``session`` of the edge run each frame belongs to) to the
+sinks. Adding a worker adds throughput. A worker silent for
 ``worker_timeout_s`` is dropped: its replay frames go to another worker (nothing lost), its live frames are
 counted as lost and acknowledged so the edge's credit comes back.
 
@@ -337,11 +338,15 @@ class Dispatch(Stage):
             if out:
                 self.cond.notify_all()
         commit = self.ctx.shared.get("commit")
+        session_of = getattr(commit, "session_of", None)
         for stream, i, rec in out:
             if rec is None:
                 if commit is not None:
                     commit.done(stream, i)  # finished without a result (lost live frame, undecodable)
                 continue
+            run = session_of(stream, i) if session_of is not None and "session" not in rec else None
+            if run is not None:  # the edge run this row belongs to (a reader tells runs apart by it)
+                rec = {"stream": rec["stream"], "frame": rec["frame"], "session": run, **rec}
             self.ctx.emit(ResultRecord(stream, i, rec))
 
 

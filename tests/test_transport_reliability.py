@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from tests.transport_helpers import (count_lines, edge_checkpoint, free_port, kill, read_jsonl,
+from tests.transport_helpers import (count_lines, edge_checkpoint, free_port, kill, make_keys, read_jsonl,
                                      record_server_config, spawn, wait_for, write_video)
 
 pytest.importorskip("codec.api")
@@ -51,6 +51,69 @@ def test_replay_exactly_once_across_three_server_kills(tmp_path):
     elog_text = elog.read_text()
     assert elog_text.count("new server instance") == 3, elog_text[-2000:]
     assert "resuming" in slog.read_text()
+
+
+def test_replay_exactly_once_across_two_edge_kills_and_three_server_kills(tmp_path):
+    """One replay; the edge process SIGKILLed twice and the server three times, alternately. Each restarted edge
+    (a new session, the same source, its key owning the stream) continues the run where the server stands:
+    every frame once, in order, and (with the JSONL sink writing it) one ``session`` in every row."""
+    n = 300
+    ckpt = edge_checkpoint()
+    video = write_video(tmp_path / "clip.mp4", n)
+    keys = make_keys(tmp_path / "keys", allowed=("cam",))
+    cfg = record_server_config(tmp_path / "server.yaml", "{ms: 15}")
+    port, out = free_port(), tmp_path / "out"
+    jl = out / "results.jsonl"
+    slog, elog = tmp_path / "server.log", tmp_path / "edge.log"
+    ep = f"tcp://127.0.0.1:{port}"
+
+    def server():
+        return spawn("server", "--config", str(cfg), "--bind", ep, "--checkpoint", str(ckpt), "--out", str(out),
+                     "--key", str(keys / "server.key_secret"), "--allowed-keys", str(keys / "allowed"), "--quiet",
+                     "--exit-on-eos", log=slog)
+
+    def edge():
+        return spawn("edge", "--source", str(video), "--connect", ep, "--checkpoint", str(ckpt), "--rate", "max",
+                     "--key", str(keys / "cam.key_secret"), "--server-key", str(keys / "server.key"), "--quiet",
+                     "--link-timeout", "90", log=elog)
+
+    srv, edg = server(), edge()
+    kills = []
+    try:
+        for at, who in ((40, "server"), (80, "edge"), (120, "server"), (165, "edge"), (210, "server")):
+            wait_for(lambda: count_lines(jl) >= at, 180, f"{at} rows before killing the {who}",
+                     srv if who == "server" else edg)
+            victim = srv if who == "server" else edg
+            victim.send_signal(signal.SIGKILL)  # no chance to flush, say goodbye or end the stream
+            victim.wait(10)
+            kills.append((who, count_lines(jl)))
+            if who == "server":
+                srv = server()
+            else:
+                edg = edge()
+        assert edg.wait(240) == 0, elog.read_text()[-3000:]
+        assert srv.wait(60) == 0, slog.read_text()[-3000:]
+    finally:
+        kill(edg)
+        kill(srv)
+    rows = read_jsonl(jl)
+    frames = [r["frame"] for r in rows]
+    lost = sorted(set(range(n)) - set(frames))
+    dup = len(frames) - len(set(frames))
+    sessions = {r.get("session") for r in rows}
+    elog_text, slog_text = elog.read_text(), slog.read_text()
+    skipped = [int(m) for m in re.findall(r"continuing run \S+ .*? at frame (\d+)", elog_text)]
+    print(f"\nreplay with the edge killed twice and the server three times ({kills}): {len(frames)} rows, lost "
+          f"{len(lost)}, duplicated {dup}, in order {frames == sorted(frames)}; restarted edges continued at frames "
+          f"{skipped}; sessions in the rows {sessions}")
+    assert lost == [] and dup == 0 and frames == list(range(n))
+    assert all(r["stream"] == 0 for r in rows)
+    assert len(skipped) == 2 and all(k > 0 for k in skipped), elog_text[-3000:]
+    assert slog_text.count("continues run") + slog_text.count("continuing run") >= 2, slog_text[-3000:]
+    assert elog_text.count("new server instance") >= 2, elog_text[-3000:]
+    assert "resuming" in slog_text
+    if sessions != {None}:  # the JSONL sink writes each row's run (CommitLog.session_of): one run here
+        assert len(sessions) == 1 and None not in sessions, sessions
 
 
 def _latencies(rows):

@@ -125,15 +125,18 @@ vars: {{bind: null, checkpoint: null, out: out, exit_on_eos: false, max_frames: 
 stages:
   - {{name: receive, key: server.receive, params: {{endpoint: "${{bind}}", checkpoint: "${{checkpoint}}",
       exit_on_eos: "${{exit_on_eos}}", secret_key: "${{secret_key}}", allowed_keys: "${{allowed_keys}}",
-      insecure: "${{insecure}}", window: "${{window}}"}}}}
+      insecure: "${{insecure}}", window: "${{window}}"{receive}}}}}
   - {{name: slow, key: util.delay, inputs: [receive], params: {delay}}}
   - {{name: record, key: server.record, inputs: [slow]}}
   - {{name: jsonl, key: sink.jsonl, inputs: [record], params: {{path: "${{out}}/results.jsonl", resume: true}}}}
 """
 
 
-def record_server_config(path: Path, delay: str = "{ms: 0}") -> Path:
-    path.write_text(RECORD_SERVER.format(delay="{" + delay.strip("{}") + "}"))
+def record_server_config(path: Path, delay: str = "{ms: 0}", **receive) -> Path:
+    """A record-only server graph (receive -> delay -> record -> JSONL); ``receive``: more server.receive
+    parameters (e.g. ``peer_rate=1e9``)."""
+    extra = "".join(f", {k}: {json.dumps(v)}" for k, v in receive.items())
+    path.write_text(RECORD_SERVER.format(delay="{" + delay.strip("{}") + "}", receive=extra))
     return path
 
 

@@ -95,11 +95,13 @@ class Schema:
 
 U32 = Int(0, U32_MAX)
 SESSION = r"[A-Za-z0-9_.:-]{1,64}"
+SOURCE = r"[0-9a-f]{16,64}"  # a replay source's identity (stages.edge.source_identity): a hex digest
 HELLO = Schema("hello", {"proto": Int(0, 255), "stream": U32, "session": Str(SESSION),
-                         "mode": Choice("replay", "live"), "fingerprint": Str(r"[0-9a-fA-F]{2,128}")})
+                         "mode": Choice("replay", "live"), "fingerprint": Str(r"[0-9a-fA-F]{2,128}"),
+                         "source": Str(SOURCE, required=False)})
 GOODBYE = Schema("goodbye", {"stream": U32})
 WELCOME = Schema("welcome", {"instance": Str(r"[0-9a-f]{1,64}"), "stream": U32, "next": Int(0, I64_MAX),
-                             "window": Int(1, 65535)})
+                             "window": Int(1, 65535), "session": Str(SESSION, required=False)})
 MAX_CAPACITY = 64
 READY = Schema("worker ready", {"capacity": Int(1, MAX_CAPACITY)})
 RESULT = Schema("worker result", max_bytes=4 * 1024 * 1024, max_depth=32, free=True, nullable=True)
@@ -250,9 +252,11 @@ class RefusalLog:
         self._window_start = -math.inf
         self._lines = 0
 
-    def refuse(self, exc: BaseException, sender: str, peer: str | None = None) -> None:
+    def refuse(self, exc: BaseException, sender: str, peer: str | None = None, n: int = 1) -> None:
+        """Count ``n`` refusals of ``exc``'s kind from ``sender`` (``peer``: its identity for the rate limit) and
+        log them if the limits allow."""
         kind = type(exc).__name__
-        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.counts[kind] = self.counts.get(kind, 0) + n
         self.first_sender.setdefault(kind, sender)
         now = time.monotonic()
         if now - self._window_start >= self.interval_s:
@@ -265,7 +269,7 @@ class RefusalLog:
             entry = self._peers[key] = [-math.inf, 0, True]
         else:
             self._peers.move_to_end(key)
-        entry[1] += 1
+        entry[1] += n
         if now - entry[0] < self.interval_s or self._lines >= self.max_lines:
             return
         self._lines += 1
@@ -278,3 +282,46 @@ class RefusalLog:
             self.log(f"[{self.name}] refused {entry[1]} more message(s) ({kind}) from {sender} in the last "
                      f"{ago:.0f} s; latest: {exc}")
         entry[0], entry[1], entry[2] = now, 0, False
+
+
+# --------------------------------------------------------------------------------------------- per-peer budgets
+class Buckets:
+    """Token buckets, one per key (a peer), with bounded memory: ``burst`` tokens at most, ``rate`` tokens back
+    per second. Why: what one peer may cost the server (new sessions, hellos, refused messages) must not grow
+    with how fast it sends. ``max_keys`` buckets are kept (least recently used forgotten: a forgotten peer
+    starts again with a full bucket, so the bound never locks anyone out)."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 4096):
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"a token bucket needs rate > 0 and burst >= 1 (got rate {rate}, burst {burst})")
+        self.rate, self.burst, self.max_keys = float(rate), float(burst), int(max_keys)
+        self._b: OrderedDict[str, list[float]] = OrderedDict()  # key -> [tokens, last refill time]
+
+    def _bucket(self, key: str, now: float) -> list[float]:
+        b = self._b.get(key)
+        if b is None:
+            if len(self._b) >= self.max_keys:
+                self._b.popitem(last=False)
+            b = self._b[key] = [self.burst, now]
+        else:
+            self._b.move_to_end(key)
+            b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+            b[1] = now
+        return b
+
+    def level(self, key: str, now: float | None = None) -> float:
+        """Tokens ``key`` has now (refilled)."""
+        return self._bucket(key, time.monotonic() if now is None else now)[0]
+
+    def take(self, key: str, n: float = 1.0, now: float | None = None) -> bool:
+        """Spend ``n`` tokens of ``key`` if it has them; False (nothing spent) otherwise."""
+        b = self._bucket(key, time.monotonic() if now is None else now)
+        if b[0] < n:
+            return False
+        b[0] -= n
+        return True
+
+    def charge(self, key: str, n: float = 1.0, now: float | None = None) -> None:
+        """Spend ``n`` tokens whatever the level (down to ``-burst``): for costs known only afterwards."""
+        b = self._bucket(key, time.monotonic() if now is None else now)
+        b[0] = max(-self.burst, b[0] - n)

@@ -4,11 +4,14 @@ Every ZeroMQ message is multipart: a one-byte kind, then its body.
 
 edge -> server
     ``H`` json  hello / heartbeat (every ``heartbeat_s``): ``{"proto", "stream", "session", "mode", "fingerprint"}``
+                and, from a replay edge that can name its input, ``"source"`` (a digest of the input's identity)
     ``D`` wire  one :mod:`transport.wire` message (a frame, or the end-of-stream message)
     ``B`` json  goodbye: the edge got its end-of-stream acknowledged (``{"stream"}``); a server with
                 ``exit_on_eos`` waits for it (up to a grace period) so its last acks are not lost on exit
 server -> edge
-    ``W`` json  welcome (answer to every hello): ``{"instance", "stream", "next", "window"}``
+    ``W`` json  welcome (answer to every hello): ``{"instance", "stream", "next", "window", "session"}``;
+                ``session`` is the run the edge delivers to: its own session, or (replay) the run an earlier
+                edge session on the same source left unfinished, which the edge then continues under that id
     ``A`` <IqQ  ack: stream, frame index finished (-1: none), contiguous high-water mark + 1 ("next")
     ``N`` <IQ   the server expects ``next`` (a frame was lost on the way): resend from there
     ``E`` text  the server refuses this edge (wrong model, ...): the edge stops with that message
@@ -32,6 +35,15 @@ of one stream (fair queuing across edges comes from ROUTER plus the per-stream w
 once its results are written (:class:`CommitLog`), and a restarted server knows from the JSONL what it already
 finished (``next``). The edge keeps every unacknowledged frame; when it meets a new server instance (a
 restart: the welcome's ``instance`` changed) it drops what the server says is done and resends the rest.
+Across edge restarts too: a new edge session replaying the same source (``source``) on the same stream, with
+the run's key (without keys: once the old session is silent), continues the unfinished run: the welcome names
+the run and its ``next``, and the edge skips every frame below it. A run that ended, another source or another
+key starts a new run (rows from frame 0, a new ``session`` in each row).
+
+**Limits and fair queuing**: per peer (CURVE key, else address) a cap on streams held and on new sessions per
+second; slots of streams silent for a few seconds are reclaimed when a new stream needs one; messages are
+served in turns across peers and a peer over its budget of costly messages has the rest dropped unread
+(:class:`ServerSession`).
 
 **Live** (bounded latency): the edge keeps a short queue of the newest frames (``drop-oldest`` or
 ``drop-newest``), counts what it drops, and never resends; the server accepts increasing indices only.
@@ -73,13 +85,21 @@ class Refused(RuntimeError):
     """The server refused this edge (its ``E`` message)."""
 
 
-def _tune(sock: zmq.Socket) -> None:
-    # reconnection with exponential back-off (100 ms doubling up to 2 s) and ZMTP heartbeats
+def _tune(sock: zmq.Socket, heartbeat: bool = True) -> None:
+    """Reconnection with exponential back-off (100 ms doubling up to 2 s) and, on connecting sockets, ZMTP
+    heartbeats (a dead link is noticed within 3 s; the other side answers the pings whatever its settings).
+
+    The server's ROUTER gets ``heartbeat=False``: in libzmq 4.3.5 a connection whose input is stopped (its
+    receive pipe full: a peer sending faster than the server reads) and whose peer then hangs up is marked
+    with an I/O error, and the next heartbeat-interval timer writes to it anyway and aborts the process
+    (``Assertion failed: !_io_error (src/stream_engine_base.cpp:310)``, the same family as libzmq #3937): any
+    peer could take the server down. The server notices silent edges by their hellos instead."""
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, 3000)
+    if heartbeat:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, 3000)
 
 
 # ============================================================================================ edge side
@@ -93,7 +113,8 @@ class EdgeClient:
     def __init__(self, endpoint: str, stream: int, fingerprint: bytes, mode: str = "replay", security=None,
                  backlog: int = 32, live_queue: int = 2, policy: str = "drop-oldest", timeout_s: float = 30.0,
                  heartbeat_s: float = 0.5, log: Callable[[str], None] = print, context: zmq.Context | None = None,
-                 session: str | None = None, name: str = "edge", busy_wait_s: float = 5.0):
+                 session: str | None = None, name: str = "edge", busy_wait_s: float = 5.0,
+                 source: str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: use one of {MODES}")
         if policy not in POLICIES:
@@ -107,6 +128,9 @@ class EdgeClient:
             raise ValueError(f"session {self.session!r}: use 1 to 64 of A-Z a-z 0-9 _ . : - (or none: a random one)")
         if not 0 <= self.stream <= control.U32_MAX:
             raise ValueError(f"stream {stream!r}: a stream id is an integer in 0..{control.U32_MAX}")
+        if source is not None and not re.fullmatch(control.SOURCE, source):
+            raise ValueError(f"source {source!r}: a replay source's identity is 16 to 64 lowercase hex digits")
+        self.source = source if mode == "replay" else None  # lets a restarted edge continue its run
         self.busy_wait_s = float(busy_wait_s)
         self.busy_since: float | None = None
         self.refused = 0  # server messages that failed their checks (ignored)
@@ -119,6 +143,7 @@ class EdgeClient:
         self.instance: str | None = None
         self.window = 0
         self.next_index = 0
+        self.floor = 0  # replay: frames below this are committed (by this session or an earlier one of its run)
         self.last_heard = 0.0
         self.last_progress = time.monotonic()
         self.last_rewind = 0.0
@@ -127,7 +152,8 @@ class EdgeClient:
         self.closing = False
         self.eos_count: int | None = None
         self.eos_sent = False
-        self.stats = {"sent": 0, "resent": 0, "acked": 0, "dropped": 0, "bytes": 0, "restarts_seen": 0}
+        self.stats = {"sent": 0, "resent": 0, "acked": 0, "dropped": 0, "bytes": 0, "restarts_seen": 0,
+                      "skipped": 0}
         self._sent_once: set[int] = set()
         self.connected = False
         self.thread = threading.Thread(target=self._io, name=f"{name}-link", daemon=True)
@@ -136,9 +162,14 @@ class EdgeClient:
     # ------------------------------------------------------------------ API (graph thread)
     def submit(self, index: int, data: bytes) -> bool:
         """Queue one frame. Replay: waits (bounded by ``backlog``) and raises LinkTimeout when the server makes
-        no progress for ``timeout_s``. Live: returns False when a frame was dropped to make room."""
+        no progress for ``timeout_s``; a frame the server already committed (below :attr:`resume_at`, e.g. sent
+        by an earlier edge session of the same run) is skipped. Live: returns False when a frame was dropped to
+        make room."""
         with self.cond:
             self._raise_if_failed()
+            if self.mode == "replay" and index < self.floor:
+                self.stats["skipped"] += 1
+                return True
             if self.mode == "live":
                 dropped = False
                 if len(self.live_q) >= self.live_queue:
@@ -184,6 +215,12 @@ class EdgeClient:
             self.cond.notify_all()
         self.thread.join(5)
 
+    @property
+    def resume_at(self) -> int:
+        """Replay: the first frame index the server has not committed yet (0 until it said); a source may skip
+        the frames below it (they would only be skipped here)."""
+        return self.floor
+
     def status(self) -> str:
         st = "connected" if self.connected else "waiting for server"
         return (f"{self.name} stream {self.stream} ({self.mode}) -> {self.endpoint}: {st}, instance "
@@ -206,8 +243,11 @@ class EdgeClient:
 
     # ------------------------------------------------------------------ I/O thread
     def _hello(self) -> list[bytes]:
-        return [K_HELLO, json.dumps({"proto": PROTO, "stream": self.stream, "session": self.session,
-                                     "mode": self.mode, "fingerprint": self.fingerprint.hex()}).encode()]
+        h = {"proto": PROTO, "stream": self.stream, "session": self.session, "mode": self.mode,
+             "fingerprint": self.fingerprint.hex()}
+        if self.source is not None:
+            h["source"] = self.source
+        return [K_HELLO, json.dumps(h).encode()]
 
     def _io(self) -> None:
         """The I/O thread: a failure ends the link with an error the graph thread raises (never a silent hang)."""
@@ -234,9 +274,12 @@ class EdgeClient:
                 with self.cond:
                     if self.closing:
                         break
-                    refused = self.error is not None
+                    # a refused edge stays quiet, and so does one whose run has ended (its end-of-stream taken):
+                    # its hellos would only stand in the way of the stream's next run
+                    quiet = self.error is not None or (self.eos_count is not None and (
+                        not self.unacked if self.mode == "replay" else self.eos_sent))
                 now = time.monotonic()
-                if now - last_hello >= self.heartbeat_s and not refused:  # a refused edge stays quiet
+                if now - last_hello >= self.heartbeat_s and not quiet:
                     last_hello = now
                     try:
                         sock.send_multipart(self._hello(), zmq.NOBLOCK)
@@ -293,16 +336,27 @@ class EdgeClient:
                 if w["stream"] != self.stream:
                     self.refused += 1
                     return
+                run = w.get("session", self.session)
+                if run != self.session and (self.source is None or self.mode != "replay"):
+                    self.refused += 1  # only a replay edge that named its source may be told to continue a run
+                    return
                 self.busy_since = None
                 self.window = window
-                if inst != self.instance:
-                    restarted = self.instance is not None
+                continued = run != self.session
+                if continued:  # an earlier edge session on this source (this edge before a restart) left off here
+                    self.log(f"[{self.name}] stream {self.stream}: continuing run {run} (an earlier edge session "
+                             f"on the same source) at frame {nxt}; the frames before it are committed and skipped")
+                    self.session = run
+                if inst != self.instance or continued:
+                    restarted = self.instance is not None and inst != self.instance
                     self.instance = inst
                     self.last_progress = time.monotonic()
                     if self.mode == "replay":
-                        for i in [i for i in self.unacked if i < nxt]:
+                        gone = [i for i in self.unacked if i < nxt]
+                        for i in gone:
                             del self.unacked[i]
-                            self.stats["acked"] += 1
+                        self.stats["acked" if restarted else "skipped"] += len(gone)
+                        self.floor = max(self.floor, nxt)
                         self.cursor = next(iter(self.unacked)) if self.unacked else nxt
                     self.live_inflight.clear()
                     if restarted:
@@ -323,6 +377,7 @@ class EdgeClient:
                     for i in gone:
                         del self.unacked[i]
                     self.stats["acked"] += len(gone)
+                    self.floor = max(self.floor, nxt)
                 else:
                     if self.live_inflight.pop(idx, None) is not None:
                         self.stats["acked"] += 1
@@ -416,18 +471,27 @@ class CommitLog:
     The JSONL sink owns it (``path`` = the JSONL file) and calls :meth:`done` after each line is written and
     flushed; stages that finish a frame without a line (a frame that cannot be decoded) call :meth:`done` too.
     The receive stage drains :attr:`queue` to send acknowledgements. Across restarts, ``PATH.state.json``
-    records which edge session owns each stream and where its rows start in the JSONL; on open, the JSONL is
-    read back from there to learn the last finished frame of each stream (a torn last line is cut off)."""
+    records, per stream, its current **run** (the edge session that opened it; a restarted edge on the same
+    source continues it under that id), its owner, its replay source, whether it ended, and where its rows start
+    in the JSONL; on open, the JSONL is read back from there to learn the last finished frame of each stream (a
+    torn last line is cut off).
+
+    Each accepted frame is registered with its run (:meth:`admit`); :meth:`session_of` tells a sink which run a
+    row belongs to (its ``session`` field), and :meth:`done` queues ``(stream, index, run)`` so that a frame of
+    an earlier run still in flight never counts for the current one."""
+
+    MAX_ADMITTED = 1 << 16  # frames registered and not yet done (a frame lost inside the graph is forgotten)
 
     def __init__(self, path: str | Path | None = None, resume: bool = False):
         import queue
         self.path = Path(path) if path is not None else None
         self.persist = bool(resume)
         self.state_path = self.path.with_name(self.path.name + ".state.json") if self.path else None
-        self.queue: "queue.SimpleQueue[tuple[int, int]]" = queue.SimpleQueue()
+        self.queue: "queue.SimpleQueue[tuple[int, int, str | None]]" = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.sessions: dict[int, dict[str, Any]] = {}
         self.finished: dict[int, int] = {}  # stream -> last finished frame index of its current session
+        self.admitted: OrderedDict[tuple[int, int], str] = OrderedDict()  # (stream, index) -> run, until done
         self.offset = 0
         if self.path is not None and resume and self.state_path.is_file() and self.path.is_file():
             self._load()
@@ -462,22 +526,77 @@ class CommitLog:
     def resumable(self) -> bool:
         return bool(self.sessions)
 
-    def next_for(self, stream: int, session: str, owner: str | None = None) -> int:
-        """The first frame index a (re)connecting edge session still has to deliver; records a new session and
-        its owner (the CURVE key, or the session without keys)."""
+    def next_for(self, stream: int, session: str, owner: str | None = None, source: str | None = None) -> int:
+        """The first frame index a (re)connecting edge session still has to deliver; records a new run (session),
+        its owner (the CURVE key, or the session without keys) and its replay source."""
         with self.lock:
             info = self.sessions.get(stream)
             if info is not None and info.get("session") == session:
-                if owner is not None and info.get("owner") != owner:
-                    info["owner"] = owner
+                changed = False
+                for k, v in (("owner", owner), ("source", source)):
+                    if v is not None and info.get(k) != v:
+                        info[k], changed = v, True
+                if changed:
                     self._save()
                 return self.finished.get(stream, -1) + 1
             self.sessions[stream] = {"session": session, "offset": self.offset}
             if owner is not None:
                 self.sessions[stream]["owner"] = owner
+            if source is not None:
+                self.sessions[stream]["source"] = source
             self.finished[stream] = -1
             self._save()
             return 0
+
+    def run_info(self, stream: int) -> dict[str, Any] | None:
+        """The recorded run of ``stream`` (``session``, ``owner``, ``source``, ``ended``, ``next``: the first
+        frame not finished), or None. Survives a server restart (the state file)."""
+        with self.lock:
+            info = self.sessions.get(stream)
+            if not isinstance(info, dict) or not isinstance(info.get("session"), str):
+                return None
+            out = {k: info.get(k) for k in ("session", "owner", "source")}
+            out["ended"] = bool(info.get("ended"))
+            out["next"] = self.finished.get(stream, -1) + 1
+            return out
+
+    def end(self, stream: int, session: str) -> None:
+        """The run ``session`` of ``stream`` ended (its end-of-stream acknowledged): a later edge session on the
+        same source starts a new run instead of continuing this one."""
+        with self.lock:
+            info = self.sessions.get(stream)
+            if info is not None and info.get("session") == session and not info.get("ended"):
+                info["ended"] = True
+                self._save()
+
+    def forget(self, stream: int, session: str) -> bool:
+        """Drop the record of run ``session`` of ``stream`` if it has no row (a stream slot reclaimed before its
+        first frame finished): what a flood of hellos leaves behind does not grow the state file."""
+        with self.lock:
+            info = self.sessions.get(stream)
+            if info is None or info.get("session") != session or self.finished.get(stream, -1) >= 0:
+                return False
+            del self.sessions[stream]
+            self.finished.pop(stream, None)
+            self._save()
+            return True
+
+    def admit(self, stream: int, index: int, session: str) -> None:
+        """Frame ``index`` of ``stream`` was accepted for run ``session`` (until :meth:`done`)."""
+        with self.lock:
+            self.admitted[(stream, index)] = session
+            if len(self.admitted) > self.MAX_ADMITTED:
+                self.admitted.popitem(last=False)
+
+    def session_of(self, stream: int, index: int) -> str | None:
+        """The run (edge session id) frame ``index`` of ``stream`` belongs to: what a row's ``session`` says, so
+        that a reader can tell runs apart. None when unknown (a graph without a receive stage)."""
+        with self.lock:
+            run = self.admitted.get((stream, index))
+            if run is None:
+                info = self.sessions.get(stream)
+                run = info.get("session") if isinstance(info, dict) else None
+            return run
 
     def owner_of(self, stream: int) -> str | None:
         """Who owned ``stream`` last (recorded in the state file: survives a server restart), or None."""
@@ -498,10 +617,14 @@ class CommitLog:
             self.offset += nbytes
 
     def done(self, stream: int, index: int) -> None:
+        """Frame ``index`` of ``stream`` is finished (its row written, or it has none): queue its ack."""
         with self.lock:
-            if index > self.finished.get(stream, -1):
+            run = self.admitted.pop((stream, index), None)
+            info = self.sessions.get(stream)
+            current = run is None or info is None or info.get("session") == run
+            if current and index > self.finished.get(stream, -1):
                 self.finished[stream] = index
-        self.queue.put((stream, index))
+        self.queue.put((stream, index, run))
 
 
 # ============================================================================================ server side
@@ -509,7 +632,7 @@ class CommitLog:
 class StreamState:
     stream: int
     mode: str
-    session: str
+    session: str  # the run: the edge session that opened it (a restarted edge on the same source continues it)
     peer: bytes
     sender: str
     owner: str = ""  # "key <CURVE public key>" or, without keys, "session <id>"
@@ -525,6 +648,8 @@ class StreamState:
     last_nack: float = 0.0
     received: int = 0
     connected: bool = True
+    source: str | None = None  # replay: the identity of the edge's source (hello ``source``)
+    peer_id: str = ""  # who holds this slot, for the per-peer caps: "key <K>" or "address <A>"
 
 
 class RefuseError(wire.WireError):
@@ -560,6 +685,16 @@ class StreamOwnerError(RefuseError):
     """A hello for a stream that another key (without keys: another edge session) owns and is still using."""
 
 
+class StreamLimitError(RefuseError):
+    """A hello that would open a stream beyond the server's limits: all its stream slots held by live streams,
+    the peer's own ``max_streams_per_peer``, or the peer opening sessions faster than ``session_rate``."""
+
+
+class FloodError(RefuseError):
+    """A message dropped unread because its peer is over its budget of costly messages (hellos, goodbyes,
+    refused or repeated frames: ``peer_rate`` per second after a burst of twice that)."""
+
+
 class PartsError(ControlError):
     """A ZeroMQ message with more parts than any message of the protocol (dropped part by part)."""
 
@@ -573,6 +708,16 @@ def _owner_label(owner: str) -> str:
     return f"{kind} {ident[:12]}..." if kind == "key" and len(ident) > 12 else owner
 
 
+def _may_continue(open_run: bool, run_owner: str | None, run_source: str | None, owner: str, mode: str,
+                  source: str | None) -> bool:
+    """Whether a new edge session continues an earlier run of its stream (instead of starting a new one): the
+    run is a replay that has not ended, the new session replays the same source (same identity), and it has
+    the run's owner: the same CURVE key (without keys there is no identity to compare: the source decides)."""
+    if not open_run or mode != "replay" or source is None or source != run_source or not run_owner:
+        return False
+    return run_owner == owner or (run_owner.startswith("session ") and owner.startswith("session "))
+
+
 class ServerSession:
     """The server's end: ROUTER socket, peers and streams, checks, dedup, credits, acks. Single-threaded: the
     receive stage calls :meth:`poll` and :meth:`flush_acks` from its own thread.
@@ -581,17 +726,38 @@ class ServerSession:
     message (more are dropped one by one), control messages by :mod:`transport.control`, the declared original
     frame size (``max_frame_side``, pixels per side), ``window`` frames in flight and ``max_streams`` streams.
     ``owner_timeout_s``: a stream's owner silent for longer may lose it to another key. ``log_interval_s``:
-    refusals are logged at most once per kind per peer per interval (all are counted)."""
+    refusals are logged at most once per kind per peer per interval (all are counted).
+
+    Per peer (its CURVE key, without keys its address): at most ``max_streams_per_peer`` streams, new sessions
+    at ``session_rate`` per second after a burst of ``max_streams_per_peer``; a stream silent for ``reclaim_s``
+    (default ``owner_timeout_s``) gives its slot up to a new stream that needs it. **Fair queuing**: each round
+    reads what is waiting into one queue per peer and serves the queues in turn, one message each, so a flood
+    delays another peer's frame by one message per flooding peer, not by the flood; a peer whose costly messages
+    (hellos, goodbyes, refused or repeated frames) exceed ``peer_rate`` per second (after a burst of twice that)
+    has its messages dropped unread (about 2 us each) until it slows down. A round that dropped such messages
+    or found more waiting than it took is followed by a pause of ``yield_s`` (the receive thread would otherwise
+    hold the GIL through a flood, and every other stage of the process would wait for it)."""
 
     def __init__(self, endpoint: str, fingerprint: bytes, latent_shape: tuple[int, int, int] | None,
                  commit: CommitLog, security=None, window: int = 8, max_payload: int = 4 * 1024 * 1024,
                  max_streams: int = 256, log: Callable[[str], None] = print, bind: bool = True,
                  context: zmq.Context | None = None, name: str = "server", max_frame_side: int = 4096,
-                 owner_timeout_s: float = 3.0, log_interval_s: float = 30.0):
+                 owner_timeout_s: float = 3.0, log_interval_s: float = 30.0, max_streams_per_peer: int = 32,
+                 session_rate: float = 2.0, reclaim_s: float | None = None, peer_rate: float = 1000.0,
+                 yield_s: float = 0.0002):
         self.fingerprint, self.latent_shape = fingerprint, tuple(latent_shape) if latent_shape else None
         self.commit, self.window, self.max_payload = commit, int(window), int(max_payload)
         self.max_streams, self.log, self.name = int(max_streams), log, name
         self.max_frame_side, self.owner_timeout_s = int(max_frame_side), float(owner_timeout_s)
+        self.max_streams_per_peer = int(max_streams_per_peer)
+        self.session_rate = float(session_rate)
+        self.reclaim_s = float(reclaim_s) if reclaim_s is not None else self.owner_timeout_s
+        self.peer_rate, self.yield_s = float(peer_rate), float(yield_s)
+        self._curve = bool(security is not None and getattr(security, "on", False))
+        if self.max_streams < 1 or self.max_streams_per_peer < 1:
+            raise ValueError("max_streams and max_streams_per_peer must be >= 1")
+        if self.session_rate <= 0 or self.peer_rate <= 0 or self.reclaim_s <= 0 or self.yield_s < 0:
+            raise ValueError("session_rate, peer_rate and reclaim_s must be > 0, yield_s >= 0")
         self.instance = os.urandom(6).hex()
         self.started = time.monotonic()
         self._ctx = context or zmq.Context.instance()
@@ -599,7 +765,7 @@ class ServerSession:
         self.sock.setsockopt(zmq.LINGER, 500)
         self.sock.setsockopt(zmq.RCVHWM, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, wire.HEADER_SIZE + self.max_payload + 64)
-        _tune(self.sock)
+        _tune(self.sock, heartbeat=False)  # see _tune: a server-side heartbeat timer can abort the process
         if security is not None:
             security.apply(self.sock)
         from transport.link import attach
@@ -608,6 +774,14 @@ class ServerSession:
         self.refusals = control.RefusalLog(log, name, interval_s=log_interval_s)
         self.refused: dict[str, int] = self.refusals.counts
         self.refused_senders: dict[str, str] = self.refusals.first_sender
+        self.sessions_budget = control.Buckets(self.session_rate, self.max_streams_per_peer)
+        self.budget = control.Buckets(self.peer_rate, 2 * self.peer_rate)
+        self.notes = control.Buckets(0.2, 20)  # stream lifecycle log lines per peer (opened, silent, ...)
+        self._notes_held: dict[str, int] = {}
+        self._inbox: OrderedDict[str, deque] = OrderedDict()  # peer -> messages read, not yet handled
+        self._ended: OrderedDict[tuple[int, str], None] = OrderedDict()  # (stream, run) of runs that ended
+        self._hot = False  # the last round left messages waiting or dropped a flood: pause before the next
+        self.reclaimed = 0
         self.accepted = 0
         self.bytes = 0
         self.last_status = 0.0
@@ -638,13 +812,17 @@ class ServerSession:
 
     @staticmethod
     def _peer(frames) -> str:
-        """Who sent it, for log rate limits: the CURVE key when there is one, else the address."""
+        """Who sent it, for log rate limits and the per-peer caps: the CURVE key when there is one, else the
+        address (without either, e.g. ipc://, the connection)."""
         rid, addr, user = ServerSession._meta(frames)
         return f"key {user}" if user else f"address {addr or rid.hex()}"
 
-    def refuse(self, exc: Exception, sender: str, peer: str | None = None) -> None:
-        """Count a refused message by kind; log it (rate-limited per kind and peer)."""
-        self.refusals.refuse(exc, sender, peer)
+    def refuse(self, exc: Exception, sender: str, peer: str | None = None, n: int = 1) -> None:
+        """Count ``n`` refused messages by kind; log them (rate-limited per kind and peer); charge the peer's
+        budget (a refusal is a costly message)."""
+        self.refusals.refuse(exc, sender, peer, n)
+        if peer is not None and not isinstance(exc, FloodError):
+            self.budget.charge(peer, n)
 
     def _send(self, rid: bytes, *parts: bytes) -> None:
         try:
@@ -652,63 +830,166 @@ class ServerSession:
         except zmq.ZMQError:
             pass  # that peer is gone or its queue is full: it asks again with its next hello
 
+    def _note(self, peer: str, text: str) -> None:
+        """Log one stream lifecycle line (opened, silent, reclaimed) within the peer's log budget: a peer that
+        churns streams cannot flood the log (what is held back is counted in its next line)."""
+        if not self.notes.take(peer):
+            self._notes_held[peer] = self._notes_held.get(peer, 0) + 1
+            return
+        held = self._notes_held.pop(peer, 0)
+        self.log(text + (f" ({held} earlier stream event(s) of this peer not logged)" if held else ""))
+
     # ------------------------------------------------------------------ receive
     def poll(self, timeout_ms: int = 10, max_messages: int = 256) -> list[tuple[wire.WireHeader, Any, bytes, int]]:
-        """Handle what arrived; return accepted frames as (header, payload view, message, received_ns). A message
-        whose handling raises (a bug) is refused as InternalError: one message never stops the server."""
-        out = []
-        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+        """Handle what arrived; return accepted frames as (header, payload view, message, received_ns).
+
+        One round: read up to ``max_messages`` waiting messages into per-peer queues, then serve the queues in
+        turn (one message per peer per turn), so that one peer's flood delays another's frame by a turn, not by
+        the flood. A message whose handling raises (a bug) is refused as InternalError: one message never stops
+        the server."""
+        out: list = []
+        if self._hot:  # the last round left messages waiting: let the stages downstream have the GIL first
+            self._hot = False
+            if self.yield_s:
+                time.sleep(self.yield_s)
+        if not self._inbox and not self.sock.poll(timeout_ms, zmq.POLLIN):
             return out
-        for _ in range(max_messages):
-            try:
-                frames, extra, extra_bytes = control.recv_parts(self.sock, 3)
-            except zmq.Again:
-                break
-            try:
-                got = self._handle(frames, extra, extra_bytes)
-            except Exception as exc:  # noqa: BLE001 - one message must never stop the server
-                first = "InternalError" not in self.refused
-                self.refuse(InternalError(f"{type(exc).__name__}: {exc} while handling a message; dropped it "
-                                          f"(a bug: please report this line)"), self._sender(frames),
-                            self._peer(frames))
-                if first:
-                    self.log(traceback.format_exc())
-                continue
-            if got is not None:
-                out.append(got)
+        self._read(max_messages)
+        while self._inbox:
+            for peer in list(self._inbox):
+                q = self._inbox[peer]
+                frames, extra, extra_bytes = q.popleft()
+                if not q:
+                    del self._inbox[peer]
+                got = self._handle_safe(frames, extra, extra_bytes, peer)
+                if got is not None:
+                    out.append(got)
         return out
 
-    def _handle(self, frames, extra: int = 0, extra_bytes: int = 0):
-        rid = frames[0].bytes
+    def _peer_of(self, rid: bytes, frame: zmq.Frame) -> str:
+        """:meth:`_peer` for the read loop, from one part's metadata: the CURVE key (asked for only when CURVE is
+        on: without it the lookup raises, which costs more than the rest of the loop) or the address."""
+        if self._curve:
+            try:
+                user = frame.get("User-Id")
+            except zmq.ZMQError:
+                user = None
+            if user and user != "anonymous":
+                return f"key {user}"
+        try:
+            addr = frame.get("Peer-Address")
+        except zmq.ZMQError:
+            addr = None
+        return f"address {addr or rid.hex()}"
+
+    def _read(self, max_messages: int, max_bytes: int = 64 * 1024 * 1024) -> None:
+        """Read up to ``max_messages`` (and about ``max_bytes``) waiting messages into the per-peer queues: each
+        as [routing id, kind, body] (parts beyond are released unread, counted). A message of a peer over its
+        budget (checked once per peer per round) is dropped unread, at the cost of receiving it: about 2 us
+        (counted as FloodError, one refusal call per peer per round)."""
+        sock, level, now = self.sock, self.budget.level, time.monotonic()
+        blocked: dict[str, bool] = {}
+        dropped: dict[str, list] = {}
+        nbytes = 0
+        try:
+            for _ in range(max_messages):
+                try:
+                    rid = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                first = sock.recv(copy=False)  # a message's parts are all there once its first one is
+                frames: list = [rid, first]
+                extra = extra_bytes = 0
+                more = first.more
+                while more:
+                    part = sock.recv(copy=False)
+                    more = part.more
+                    if len(frames) < 3:
+                        frames.append(part)
+                    else:
+                        extra += 1
+                        extra_bytes += len(part)
+                peer = self._peer_of(rid, first)
+                over = blocked.get(peer)
+                if over is None:
+                    over = blocked[peer] = level(peer, now) < 1
+                if over:
+                    d = dropped.get(peer)
+                    if d is None:
+                        dropped[peer] = [1, frames]
+                    else:
+                        d[0] += 1
+                    if extra_bytes:
+                        control.release_memory(extra_bytes)
+                    continue
+                q = self._inbox.get(peer)
+                if q is None:
+                    q = self._inbox[peer] = deque()
+                q.append((frames, extra, extra_bytes))
+                nbytes += len(frames[-1])
+                if nbytes > max_bytes:
+                    break
+            self._hot = True  # the round ended before the socket did: more may be waiting
+        finally:
+            if dropped:
+                self._hot = True  # a flood is on: pause before the next round
+            for peer, (count, frames) in dropped.items():
+                self.refuse(FloodError(f"{count} message(s) dropped unread: this peer sends more than "
+                                       f"{self.peer_rate:g} hellos, goodbyes, refused or repeated frames per "
+                                       f"second"), self._sender(frames), peer, count)
+
+    def _handle_safe(self, frames, extra: int, extra_bytes: int, peer: str):
+        try:
+            return self._handle(frames, extra, extra_bytes, peer)
+        except Exception as exc:  # noqa: BLE001 - one message must never stop the server
+            first = "InternalError" not in self.refused
+            self.refuse(InternalError(f"{type(exc).__name__}: {exc} while handling a message; dropped it "
+                                      f"(a bug: please report this line)"), self._sender(frames), peer)
+            if first:
+                self.log(traceback.format_exc())
+            return None
+
+    def _handle(self, frames, extra: int = 0, extra_bytes: int = 0, peer: str | None = None):
+        """One message: ``frames`` = [routing id (bytes or a Frame), kind, body]."""
+        rid = frames[0] if isinstance(frames[0], bytes) else frames[0].bytes
+        peer = peer if peer is not None else self._peer(frames)
         if extra:
             total = sum(len(f) for f in frames) + extra_bytes
             self.refuse(PartsError(f"a message of {len(frames) - 1 + extra} parts ({total / 2 ** 20:.1f} MiB); the "
-                                   f"protocol's messages have 2: dropped part by part"),
-                        self._sender(frames), self._peer(frames))
+                                   f"protocol's messages have 2: dropped part by part"), self._sender(frames), peer)
             del frames
             control.release_memory(extra_bytes)
             return None
         if len(frames) != 3 or frames[1].bytes not in (K_HELLO, K_DATA, K_BYE):
             self.refuse(ControlError(f"a {len(frames) - 1}-part message that is not a hello or data message"),
-                        self._sender(frames), self._peer(frames))
+                        self._sender(frames), peer)
             return None
         kind = frames[1].bytes
         if kind == K_HELLO:
-            self._hello(rid, frames)
+            self.budget.charge(peer)
+            self._hello(rid, frames, peer)
             return None
         if kind == K_BYE:
+            self.budget.charge(peer)
             try:
                 stream = control.parse(frames[2].bytes, control.GOODBYE)["stream"]
             except ControlError as exc:
-                self.refuse(exc, self._sender(frames), self._peer(frames))
+                self.refuse(exc, self._sender(frames), peer)
                 return None
             st = self.streams.get(stream)
             if st is None or st.peer != rid:
                 self.refuse(ControlError(f"a goodbye for stream {stream}, which this peer does not own"),
-                            self._sender(frames), self._peer(frames))
+                            self._sender(frames), peer)
             else:
                 st.bye = True
             return None
+        sid = wire.stream_of(frames[2].buffer)
+        if sid is not None:  # a frame for a stream this connection does not hold: refused before the checksum
+            st = self.streams.get(sid)
+            if st is None or st.peer != rid:
+                self.refuse(UnknownPeerError(f"data for stream {sid} from a peer that did not open it with a "
+                                             f"hello"), self._sender(frames), peer)
+                return None
         data = frames[2].bytes
         rx = time.time_ns()
         try:
@@ -721,7 +1002,7 @@ class ServerSession:
                                        f"a hello")
             self._admit(st, header)
         except wire.WireError as exc:
-            self.refuse(exc, self._sender(frames), self._peer(frames))
+            self.refuse(exc, self._sender(frames), peer)
             return None
         st.last_seen = time.monotonic()
         if header.eos:
@@ -729,16 +1010,20 @@ class ServerSession:
         self.accepted += 1
         self.bytes += len(data)
         st.received += 1
+        self.commit.admit(st.stream, header.frame_index, st.session)
         return header, payload, data, rx
 
     def _admit(self, st: StreamState, h: wire.WireHeader) -> None:
+        """Check one frame against its stream's state; raises a RefuseError. A replay frame the server already
+        holds (in flight, or finished: then acknowledged again) is a ReplayedError: an edge that restarted or
+        reconnected may resend a few; its ack follows when the original is finished."""
         i = h.frame_index
         if not h.eos and h.live != (st.mode == "live"):
             raise ModeError(f"stream {st.stream} was opened as {st.mode} (hello) but frame {i} is flagged "
                             f"{'live' if h.live else 'replay'}")
         if st.mode == "replay":
             if i < st.next:
-                if i < st.finished_next:  # already finished: say so again so the edge forgets it
+                if i < st.finished_next or i in st.finished_above:  # already finished: say so again
                     self._send(st.peer, K_ACK, _ACK.pack(st.stream, i, st.finished_next))
                 raise ReplayedError(f"stream {st.stream} frame {i} again (server expects {st.next})")
             if st.eos is not None:
@@ -786,8 +1071,61 @@ class ServerSession:
         self.refuse(exc, sender, peer)
         self._send(rid, K_ERROR, BUSY, str(exc).encode())
 
-    def _hello(self, rid: bytes, frames) -> None:
-        sender, peer = self._sender(frames), self._peer(frames)
+    def _reclaimable(self, candidates, now: float) -> StreamState | None:
+        """The stream slot to give up first: ended or silent for ``reclaim_s``, nothing in flight; the one silent
+        longest."""
+        best = None
+        for s in candidates:
+            if s.pending or not (s.eos_acked or s.bye or now - s.last_seen > self.reclaim_s):
+                continue
+            if best is None or s.last_seen < best.last_seen:
+                best = s
+        return best
+
+    def _reclaim(self, st: StreamState, now: float) -> None:
+        """Free the slot of ``st`` (its run stays in the commit log unless it has no row: then it is forgotten, so
+        a flood of hellos leaves nothing behind)."""
+        del self.streams[st.stream]
+        self.commit.forget(st.stream, st.session)
+        self.reclaimed += 1
+        self._note(st.peer_id, f"[{self.name}] stream {st.stream} ({st.sender}): slot reclaimed after "
+                               f"{now - st.last_seen:.1f} s of silence" if not (st.eos_acked or st.bye) else
+                               f"[{self.name}] stream {st.stream} ({st.sender}): slot of the ended stream reused")
+
+    def _slot(self, stream: int, peer: str, sender: str, now: float) -> bool:
+        """Room for a new session of ``stream`` from ``peer``: within its stream cap, the server's stream cap
+        (silent streams give their slots up) and its session budget; refused with StreamLimitError otherwise.
+        Nothing is reclaimed for a hello that is then refused."""
+        mine = [s for s in self.streams.values() if s.peer_id == peer and s.stream != stream]
+        own_victim = None
+        if len(mine) >= self.max_streams_per_peer:
+            own_victim = self._reclaimable(mine, now)
+            if own_victim is None:
+                self.refuse(StreamLimitError(f"hello for stream {stream} refused: this peer holds {len(mine)} "
+                                             f"live streams, the most one peer may hold (max_streams_per_peer)"),
+                            sender, peer)
+                return False
+        victim = None
+        if own_victim is None and stream not in self.streams and len(self.streams) >= self.max_streams:
+            victim = self._reclaimable(self.streams.values(), now)
+            if victim is None:
+                self.refuse(StreamLimitError(f"too many streams (max {self.max_streams}, each heard within "
+                                             f"{self.reclaim_s:g} s): hello for stream {stream} refused"),
+                            sender, peer)
+                return False
+        if not self.sessions_budget.take(peer, 1, now):
+            self.refuse(StreamLimitError(f"hello for stream {stream} refused: this peer opens sessions faster than "
+                                         f"{self.session_rate:g} per second (after {self.max_streams_per_peer} at "
+                                         f"once); it is welcome again in a moment"), sender, peer)
+            return False
+        for v in (own_victim, victim):
+            if v is not None:
+                self._reclaim(v, now)
+        return True
+
+    def _hello(self, rid: bytes, frames, peer: str | None = None) -> None:
+        sender = self._sender(frames)
+        peer = peer if peer is not None else self._peer(frames)
         try:
             h = control.parse(frames[2].bytes, control.HELLO)
         except ControlError as exc:
@@ -806,54 +1144,72 @@ class ServerSession:
             self.refuse(exc, sender, peer)
             self._send(rid, K_ERROR, str(exc).encode())
             return
+        source = h.get("source") if mode == "replay" else None
         key = self._meta(frames)[2]
+        edge_session = session
         owner = f"key {key}" if key else f"session {session}"
         st = self.streams.get(stream)
         now = time.monotonic()
+        if (stream, session) in self._ended and (st is None or st.session != session):
+            # an edge whose run ended (and whose stream may have a newer run): it takes nothing over
+            self.refuse(EndedError(f"hello for stream {stream} from session {session}, whose run has ended; a new "
+                                   f"edge session starts a new run"), sender, peer)
+            return
         if st is not None and (st.session != session or st.owner != owner):
             if st.owner != owner and self._owned(st, now):
                 self._busy(rid, stream, f"{_owner_label(st.owner)}, {st.sender}, {st.mode}, heard "
                                         f"{now - st.last_seen:.1f} s ago", sender, peer)
                 return
-            if st.owner != owner:
-                why = "ended" if st.eos_acked or st.bye else f"silent for {now - st.last_seen:.1f} s"
-                self.log(f"[{self.name}] stream {stream}: its owner ({_owner_label(st.owner)}) {why}; "
-                         f"{_owner_label(owner)} takes it over")
-            st = None  # a new session: the owner restarted, or the stream ended or its owner went away
+            if st.session != session and _may_continue(st.mode == "replay" and st.eos is None, st.owner, st.source,
+                                                       owner, mode, source):
+                session = st.session  # a restarted edge on the same source: it continues the run held here
+                owner = f"key {key}" if key else f"session {session}"
+            else:
+                if st.owner != owner:
+                    why = "ended" if st.eos_acked or st.bye else f"silent for {now - st.last_seen:.1f} s"
+                    self._note(peer, f"[{self.name}] stream {stream}: its owner ({_owner_label(st.owner)}) {why}; "
+                                     f"{_owner_label(owner)} takes it over")
+                st = None  # a new run: the stream ended, or its owner restarted elsewhere or went away
         elif st is None:
+            run = self.commit.run_info(stream)
+            if run is not None and run["session"] != session and \
+                    _may_continue(not run["ended"], run["owner"], run["source"], owner, mode, source):
+                session = run["session"]  # the run recorded before a server restart, left by an earlier edge
+                owner = f"key {key}" if key else f"session {session}"
             recorded = self.commit.owner_of(stream)
             if recorded is not None and recorded != owner and now - self.started < self.owner_timeout_s:
                 self._busy(rid, stream, f"{_owner_label(recorded)}, recorded before this server started "
                                         f"{now - self.started:.1f} s ago", sender, peer)
                 return
         if st is None:
-            if stream not in self.streams and len(self.streams) >= self.max_streams:
-                for k, old in list(self.streams.items()):  # forget streams that ended or went quiet long ago
-                    if (old.eos_acked or not old.connected) and now - old.last_seen > 60.0 and not old.pending:
-                        del self.streams[k]
-            if stream not in self.streams and len(self.streams) >= self.max_streams:
-                self.refuse(ControlError(f"too many streams (max {self.max_streams})"), sender, peer)
+            if not self._slot(stream, peer, sender, now):
                 return
-            nxt = self.commit.next_for(stream, session, owner)
+            nxt = self.commit.next_for(stream, session, owner, source)
             st = StreamState(stream, mode, session, rid, sender, owner=owner, next=nxt, last=nxt - 1,
-                             finished_next=nxt)
+                             finished_next=nxt, source=source, peer_id=peer)
             self.streams[stream] = st
-            self.log(f"[{self.name}] stream {stream} ({mode}) opened by {sender}, session {session}"
-                     + (f", resuming at frame {nxt}" if nxt else ""))
+            how = (f", continuing run {session} of an earlier edge session at frame {nxt}" if session != edge_session
+                   else f", resuming at frame {nxt}" if nxt else "")
+            self._note(peer, f"[{self.name}] stream {stream} ({mode}) opened by {sender}, session {edge_session}"
+                             + how)
         elif st.mode != mode:
             self.refuse(ModeError(f"hello for stream {stream} as {mode}, but session {session} opened it as "
                                   f"{st.mode}"), sender, peer)
             return
-        elif st.peer != rid:  # same session, new connection (the edge reconnected)
-            st.peer, st.sender = rid, sender
-            self.log(f"[{self.name}] stream {stream} reconnected from {sender}")
+        elif st.peer != rid:  # same run, new connection: the edge reconnected, or restarted on the same source
+            st.peer, st.sender, st.owner, st.peer_id = rid, sender, owner, peer
+            if session != edge_session:
+                self._note(peer, f"[{self.name}] stream {stream}: a restarted edge ({sender}, session "
+                                 f"{edge_session}) continues run {session} at frame {st.finished_next}")
+            else:
+                self._note(peer, f"[{self.name}] stream {stream} reconnected from {sender}")
         if not st.connected:
             st.connected = True
-            self.log(f"[{self.name}] stream {stream} back ({sender})")
+            self._note(peer, f"[{self.name}] stream {stream} back ({sender})")
         st.last_seen = now
         self._send(rid, K_WELCOME, json.dumps({"instance": self.instance, "stream": stream,
                                                "next": st.finished_next if st.mode == "replay" else 0,
-                                               "window": self.window}).encode())
+                                               "window": self.window, "session": st.session}).encode())
 
     # ------------------------------------------------------------------ finish
     def flush_acks(self) -> int:
@@ -861,13 +1217,15 @@ class ServerSession:
         q = self.commit.queue
         while True:
             try:
-                stream, idx = q.get_nowait()
+                item = q.get_nowait()
             except Exception:  # noqa: BLE001 - queue.Empty
                 break
             n += 1
+            stream, idx = item[0], item[1]
+            run = item[2] if len(item) > 2 else None
             st = self.streams.get(stream)
-            if st is None:
-                continue
+            if st is None or (run is not None and run != st.session):
+                continue  # a frame of an earlier run (its edge is gone): nothing to acknowledge
             st.pending.discard(idx)
             if st.mode == "replay":
                 if idx >= st.finished_next:
@@ -881,9 +1239,13 @@ class ServerSession:
                     (st.mode == "live" or st.finished_next >= st.eos):
                 st.eos_acked = True
                 st.finished_next = max(st.finished_next, st.eos + 1)
+                self.commit.end(st.stream, st.session)
+                self._ended[(st.stream, st.session)] = None
+                if len(self._ended) > 4096:
+                    self._ended.popitem(last=False)
                 self._send(st.peer, K_ACK, _ACK.pack(st.stream, st.eos, st.eos + 1))
-                self.log(f"[{self.name}] stream {st.stream} ended after {st.eos} frames "
-                         f"({st.received} received by this server instance)")
+                self._note(st.peer_id, f"[{self.name}] stream {st.stream} ended after {st.eos} frames "
+                                       f"({st.received} received by this server instance)")
         return n
 
     def all_done(self) -> bool:
@@ -911,7 +1273,8 @@ class ServerSession:
         for st in self.streams.values():
             if st.connected and now - st.last_seen > 3.0 and st.eos is None:
                 st.connected = False
-                self.log(f"[{self.name}] stream {st.stream} ({st.sender}) silent for {now - st.last_seen:.1f} s")
+                self._note(st.peer_id, f"[{self.name}] stream {st.stream} ({st.sender}) silent for "
+                                       f"{now - st.last_seen:.1f} s")
 
     def status(self) -> str:
         if not self.streams:

@@ -137,6 +137,20 @@ def end_of_stream(stream_id: int, frame_count: int, fingerprint: bytes, sent_ns:
     return pack(WireHeader(stream_id, frame_count, 0, sent_ns, fingerprint, (0, 0, 0), (0, 0), flags=FLAG_EOS), b"")
 
 
+_STREAM = struct.Struct("<I")
+_STREAM_AT = 8
+
+
+def stream_of(message: bytes | bytearray | memoryview) -> int | None:
+    """The stream id a message declares, read without checking anything else (None when it does not even start
+    like a wire message): lets a receiver refuse a frame for a stream its sender does not hold before it pays
+    for the checksum. The full checks still follow in :func:`unpack`."""
+    buf = memoryview(message)
+    if buf.nbytes < HEADER_SIZE or bytes(buf[:4]) != MAGIC:
+        return None
+    return _STREAM.unpack_from(buf, _STREAM_AT)[0]
+
+
 def unpack(message: bytes | bytearray | memoryview, expected_fingerprint: bytes | None = None, *,
            max_payload: int = MAX_PAYLOAD, expected_latent_shape: tuple[int, int, int] | None = None,
            max_frame_side: int = MAX_SIDE) -> tuple[WireHeader, memoryview]:
