@@ -7,13 +7,13 @@ from typing import Iterator
 
 from pipeline.codecs import get_codec
 from pipeline.stage import Features, FrameResult, Packet, Source, Stage, register_stage
-from stages.edge import letterbox_params
+from core.geometry import letterbox_params
 from transport import wire
 
 
 def _number(value, name: str, kind: type, lo: float, what: str):
     """``value`` as ``kind`` (int or float), at least ``lo``; a UsageError naming the parameter otherwise."""
-    from pipeline.errors import UsageError
+    from core.errors import UsageError
     try:
         x = kind(value)
     except (TypeError, ValueError):
@@ -53,8 +53,8 @@ class ServerReceive(Source):
                  insecure: bool = False, max_payload: int = 4 * 1024 * 1024, status_s: float = 0.0,
                  bye_grace_s: float = 8.0, max_frame_side: int = 4096, owner_timeout_s: float = 3.0,
                  max_streams: int = 256, max_streams_per_peer: int = 32, session_rate: float = 2.0,
-                 reclaim_s: float | None = None, peer_rate: float = 1000.0):
-        from pipeline.errors import UsageError
+                 reclaim_s: float | None = None, peer_rate: float = 1000.0, live_window: int = 2):
+        from core.errors import UsageError
         from transport.link import check_endpoint
         from transport.security import server_security
         self.endpoint = check_endpoint(endpoint, "server.receive endpoint")
@@ -66,6 +66,10 @@ class ServerReceive(Source):
         self.bye_grace_s = float(bye_grace_s)
         if self.window < 1:
             raise UsageError(f"server.receive window {window!r}: give the frames in flight per stream, >= 1")
+        self.live_window = int(live_window)
+        if self.live_window < 1:
+            raise UsageError(f"server.receive live_window {live_window!r}: give the frames in flight per live "
+                             f"stream, >= 1 (default 2: each frame in flight is a frame of latency)")
         try:
             self.max_frame_side = int(max_frame_side)
         except (TypeError, ValueError):
@@ -100,6 +104,7 @@ class ServerReceive(Source):
         self.commit = ctx.shared.setdefault("commit", CommitLog())
         self.session = ServerSession(self.endpoint, self.codec.fingerprint, self.latent_shape, self.commit,
                                      security=self.security, window=self.window, max_payload=self.max_payload,
+                                     live_window=self.live_window,
                                      log=ctx.log, bind=self.bind, name=ctx.name,
                                      max_frame_side=self.max_frame_side, owner_timeout_s=self.owner_timeout_s,
                                      **self.limits)

@@ -290,3 +290,21 @@ def zmq_dealer(ep: str, sec) -> "zmq.Socket":
     sec.apply(s)
     s.connect(ep)
     return s
+
+
+def test_live_streams_get_the_shallow_window_replays_the_deep_one():
+    """Each frame in flight on a live stream is a frame of latency: the welcome grants live_window (2) to live
+    streams and the full window to replays."""
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    srv = _Server(ep)  # window 4, live_window default 2
+    live = EdgeClient(ep, 7, FP, "live", log=lambda m: None, timeout_s=20)
+    replay = _edge(ep, stream=8)
+    try:
+        live.submit(0, wire.pack(wire.WireHeader(7, 0, 1, 2, FP, SHAPE, (64, 64), 0, wire.FLAG_LIVE), b"p" * 8))
+        replay.submit(0, _frame(8, 0))
+        wait_for(lambda: live.window and replay.window, 10, "both welcomed")
+        assert live.window == 2 and replay.window == 4
+    finally:
+        for e in (live, replay):
+            _kill(e)
+        srv.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.commands._common import (add_common, check_max_frames, list_stages, load, run_graph, select_tasks)
 from pipeline.commands._factory import add_factory_arguments, check_tasks_for_factory, factory_plan
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.graph import StageSpec
 from transport.link import check_endpoint
 
@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of the public keys (*.key) of the edges and workers allowed to connect")
     p.add_argument("--insecure", action="store_true",
                    help="allow a tcp link without encryption or authentication (a warning is printed)")
-    p.add_argument("--window", type=int, default=8, metavar="N", help="frames in flight per edge stream (default 8)")
+    p.add_argument("--window", type=int, default=8, metavar="N", help="frames in flight per replayed stream (default 8; live streams get --live-window)")
+    p.add_argument("--live-window", type=int, default=2, metavar="N",
+                   help="frames in flight per live stream (default 2: each frame in flight adds a frame of latency)")
     p.add_argument("--workers", default=None, metavar="ENDPOINT",
                    help="topology (b): bind ENDPOINT for worker processes (`run --config worker`) and hand each "
                         "frame to one of them instead of decoding here")
@@ -47,7 +49,7 @@ def run(args) -> int:
     variables = {"bind": args.bind, "checkpoint": args.checkpoint, "out": args.out,
                  "exit_on_eos": bool(args.exit_on_eos), "max_frames": args.max_frames,
                  "frames_from": args.frames_from, "secret_key": args.key, "allowed_keys": args.allowed_keys,
-                 "insecure": bool(args.insecure), "window": args.window, "workers": args.workers}
+                 "insecure": bool(args.insecure), "window": args.window, "live_window": args.live_window, "workers": args.workers}
     if args.workers:
         check_endpoint(args.workers, "--workers")
     plan = factory_plan(args, "server")  # --factory, --mqtt, ...: the factory graph (or fill --config's variables)
