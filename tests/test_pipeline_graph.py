@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import stage as stage_mod
 from pipeline.cli import main
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.graph import load_graph, parse_graph
 
 PLUGIN = textwrap.dedent('''
@@ -103,8 +103,7 @@ def test_cli_bad_inputs_exit_2(tmp_path, capsys):
 def test_letterbox_mapping_back_to_original_frame():
     import numpy as np
 
-    from stages.consumers import map_boxes, map_class_map
-    from stages.edge import letterbox_image, letterbox_params
+    from core.geometry import letterbox_image, letterbox_params, map_boxes, map_class_map
     lb = letterbox_params(80, 48, 64)
     assert (lb.ratio, lb.left, lb.top, lb.unpad_w, lb.unpad_h) == (0.8, 0, 13, 64, 38)
     img = np.full((48, 80, 3), 7, np.uint8)
@@ -122,7 +121,7 @@ def test_letterbox_mapping_back_to_original_frame():
 def test_rle_round_trip():
     import numpy as np
 
-    from stages.sinks import rle_decode, rle_encode
+    from core.rle import rle_decode, rle_encode
     m = np.random.default_rng(0).integers(0, 3, (7, 9)).astype(np.uint8)
     assert (rle_decode(rle_encode(m)) == m).all()
 
@@ -286,3 +285,8 @@ def test_a_command_whose_packages_are_missing_says_so_in_one_line():
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "'torch'" in lines[0] and "pip install .[server]" in lines[0]
+
+
+def test_threads_option_is_checked(capsys):
+    assert main(["run", "--threads", "0", "--checkpoint", "random:64"]) == 2
+    assert "--threads 0" in capsys.readouterr().err

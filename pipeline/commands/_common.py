@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.errors import IncompleteInput, UsageError
+from core.errors import IncompleteInput, UsageError
 from pipeline.graph import GraphRunner, GraphSpec, load_graph
 
 
@@ -22,6 +22,9 @@ def add_common(p: argparse.ArgumentParser, out: bool = True) -> None:
     p.add_argument("--config", default=None, metavar="FILE", help="graph YAML (path or name in configs/pipelines/)")
     p.add_argument("--list-stages", action="store_true", help="print the registered stage keys and exit")
     p.add_argument("--quiet", action="store_true", help="no console status line")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="cores the graph may use, shared by the stages that run models (default: all; "
+                        "overrides the graph's `threads:`)")
 
 
 def check_max_frames(n) -> None:
@@ -133,5 +136,11 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def load(config: str, variables: dict) -> GraphSpec:
-    return load_graph(config, {k: v for k, v in variables.items()})
+def load(config: str, variables: dict, threads: int | None = None) -> GraphSpec:
+    """Parse a graph with the command's variables; ``threads`` (``--threads``) overrides its thread budget."""
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads}: give the number of cores the graph may use, >= 1")
+    spec = load_graph(config, {k: v for k, v in variables.items()})
+    if threads is not None:
+        spec.threads = threads
+    return spec

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.commands._common import add_common, check_max_frames, list_stages, load, run_graph
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from transport.link import check_endpoint
 
 
@@ -50,5 +50,5 @@ def run(args) -> int:
                  "policy": args.policy, "live_queue": args.live_queue}
     if args.source is not None:
         variables["source"] = args.source
-    spec = load(args.config or "edge", variables)
+    spec = load(args.config or "edge", variables, threads=args.threads)
     return run_graph(spec, None, quiet=args.quiet)

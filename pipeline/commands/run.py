@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.commands._common import add_common, check_max_frames, list_stages, load, run_graph
 from pipeline.commands._factory import add_factory_arguments, factory_plan
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.graph import VAR_NAME, graph_variables, load_yaml
 
 DEMO_FRAMES = 150
@@ -115,7 +115,7 @@ def run(args) -> int:
             variables.update(plan.variables)
         variables.update(sets)
         variables = {k: v for k, v in variables.items() if not (v is None and k in ("source",))}
-        spec = load(config, variables)
+        spec = load(config, variables, threads=args.threads)
         if plan is not None:
             plan.apply(spec)
         rc = run_graph(spec, out / "summary.json", quiet=args.quiet)

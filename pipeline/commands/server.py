@@ -62,7 +62,7 @@ def run(args) -> int:
             check_tasks_for_factory(tasks)
         variables.update(plan.variables)
     default = plan.config if plan is not None and plan.config else ("server_workers" if args.workers else "server")
-    spec = load(args.config or default, variables)
+    spec = load(args.config or default, variables, threads=args.threads)
     if not args.workers:
         select_tasks(spec, tasks)
     if plan is not None:
