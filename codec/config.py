@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 
 
 @dataclass
@@ -34,8 +34,7 @@ class TeacherConfig:
     classify_yaml: str = "yolo26n-cls.yaml"
     epochs: int = 8
     time: float | None = None  # hours for the detector instead of epochs (Ultralytics fits its schedule to it)
-    head_epochs: int = 4  # segmentation head on the frozen detector backbone
-    head_time: float | None = None  # hours for the segmentation head instead of head_epochs
+    head_epochs: int = 10  # segmentation head on the frozen body's cached features
     classify_epochs: int = 30  # station classification head on cached body features (seconds per epoch)
     batch: int = 32
     workers: int = 2

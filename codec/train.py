@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import pipeline.offline  # noqa: F401
+import core.offline  # noqa: F401
 from codec.api import SplitCodec
 from codec.config import TrainConfig, dump_config
 from codec.model import SplitModel
 from codec.student import StudentSpec
 from codec.teachers import CLS_HEAD_START, SEM_HEAD_START, MultiTaskTeachers
-from conveyor.classes import FRAME_LABELS
-from pipeline.errors import UsageError
+from conveyor.classes import FRAME_LABELS, SEMANTIC_NAMES
+from core.errors import UsageError
 
 
 def seed_everything(seed: int) -> None:
@@ -119,8 +119,8 @@ def make_data(cfg: TrainConfig, run: Path) -> tuple[Path, Path]:
 
 # ------------------------------------------------------------------------------------------------ teachers
 def train_teachers(cfg: TrainConfig, run: Path, data_dir: Path) -> MultiTaskTeachers:
-    """Detector first; then the segmentation head on its frozen backbone (Ultralytics trainers); then the
-    station classification head on the frozen body's features (``train_station_head``)."""
+    """Detector first (Ultralytics' trainer); then the segmentation head and the station classification head on
+    its frozen body's cached features (``train_semantic_head``, ``train_station_head``)."""
     t = cfg.teachers
     if t.detect or t.semantic or t.classify:
         if not (t.detect and t.semantic and t.classify):
@@ -140,8 +140,6 @@ def train_teachers(cfg: TrainConfig, run: Path, data_dir: Path) -> MultiTaskTeac
     jobs = [
         ("detect", t.detect_yaml, data_dir / "detect" / "data.yaml",
          dict(epochs=t.epochs, **({"time": t.time} if t.time else {}))),
-        ("semantic", t.semantic_yaml, data_dir / "semantic" / "data.yaml",
-         dict(epochs=t.head_epochs, freeze=SEM_HEAD_START, **({"time": t.head_time} if t.head_time else {}))),
     ]
 
     def detector_bn_eps(trainer) -> None:
@@ -174,15 +172,23 @@ def train_teachers(cfg: TrainConfig, run: Path, data_dir: Path) -> MultiTaskTeac
                     kwargs["pretrained"] = str(weights["detect"])
                 model.train(**kwargs)
         weights[name] = best
-    from ultralytics.nn.tasks import ClassificationModel, load_checkpoint
+    from ultralytics.nn.tasks import ClassificationModel, SemanticSegmentationModel, load_checkpoint
 
     det, _ = load_checkpoint(str(weights["detect"]), device="cpu")
-    sem, _ = load_checkpoint(str(weights["semantic"]), device="cpu")
+    sem = SemanticSegmentationModel(t.semantic_yaml, nc=len(SEMANTIC_NAMES), verbose=False)
+    sem.names = {i: n for i, n in enumerate(SEMANTIC_NAMES)}
     clf = ClassificationModel(t.classify_yaml, nc=len(FRAME_LABELS), verbose=False)
     clf.names = {i: n for i, n in enumerate(FRAME_LABELS)}
-    teachers = MultiTaskTeachers(det.float(), sem.float(), clf, station=True)
+    for model in (sem, clf):  # the detector's eps: its backbone is what these heads will read
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eps = 1e-3
+    teachers = MultiTaskTeachers(det.float(), sem, clf, station=True)  # shares the detector's backbone modules
     arrays = np.load(run / "frames.npz")
-    train_station_head(teachers, arrays["images"], arrays["labels"], epochs=t.classify_epochs,
+    images = arrays["images"]
+    train_semantic_head(teachers, images, arrays["semantic"], epochs=t.head_epochs,
+                        log=root / "semantic" / "results.csv")
+    train_station_head(teachers, images, arrays["labels"], epochs=t.classify_epochs,
                        log=root / "classify" / "results.csv")
     tmp = final.with_suffix(".tmp")
     torch.save(teachers.export_state(), tmp)
@@ -196,6 +202,49 @@ def _unfinished(last: Path) -> bool:
         return False
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     return ckpt.get("epoch", -1) != -1  # Ultralytics sets epoch -1 once training has finished
+
+
+def _fit_cached_head(name: str, modules: list[torch.nn.Module], n_train: int, step_loss, evaluate, epochs: int,
+                     batch: int, lr: float, log: Path | None, metric: str) -> dict:
+    """Train head ``modules`` on cached body features: ``step_loss(indices)`` gives a batch's loss,
+    ``evaluate()`` the held-out ``metric`` (percent) after each epoch; AdamW with a one-cycle schedule. Writes the
+    learning curve to ``log`` (CSV: epoch, train_loss, metric) and returns the last row."""
+    params = [p for m in modules for p in m.parameters()]
+    for m in modules:
+        m.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=5e-4)
+    steps = max(1, math.ceil(n_train / batch))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for epoch in range(epochs):
+        for m in modules:
+            m.train()
+        order = torch.randperm(n_train, generator=gen)
+        total = 0.0
+        for s in range(steps):
+            idx = order[s * batch:(s + 1) * batch]
+            loss = step_loss(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            value = float(evaluate())
+        rows.append({"epoch": epoch + 1, "train_loss": total / n_train, metric: value})
+        print(f"[train] {name} epoch {epoch + 1}/{epochs}: loss {total / n_train:.4f}, {metric} {value:.1f}",
+              flush=True)
+    for m in modules:
+        m.requires_grad_(False)
+        m.eval()
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"epoch,train_loss,{metric}\n" + "".join(
+            f"{r['epoch']},{r['train_loss']:.5f},{r[metric]:.2f}\n" for r in rows))
+    return rows[-1] if rows else {}
 
 
 def train_station_head(teachers: MultiTaskTeachers, images: np.ndarray, labels: np.ndarray, epochs: int = 30,
@@ -217,40 +266,95 @@ def train_station_head(teachers: MultiTaskTeachers, images: np.ndarray, labels: 
     n_val = max(1, int(len(y) * val_fraction))
     xtr, ytr, xva, yva = feats_t[:-n_val], y[:-n_val], feats_t[-n_val:], y[-n_val:]
     head = torch.nn.Sequential(*[clf.model[i] for i in range(CLS_HEAD_START, len(clf.model))])
-    head.requires_grad_(True)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=5e-4)
-    steps = max(1, math.ceil(len(ytr) / batch))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps)
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for epoch in range(epochs):
-        head.train()
-        order = torch.randperm(len(ytr), generator=gen)
-        total = 0.0
-        for s in range(steps):
-            idx = order[s * batch:(s + 1) * batch]
-            out = head(xtr[idx])
-            logits = out[1] if isinstance(out, (tuple, list)) else out
-            loss = F.cross_entropy(logits, ytr[idx], label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss) * len(idx)
-        head.eval()
-        with torch.no_grad():
-            pred = torch.cat([_probs(head(xva[i:i + 256])) for i in range(0, len(yva), 256)]).argmax(1)
-        acc = float((pred == yva).float().mean() * 100)
-        rows.append({"epoch": epoch + 1, "train_loss": total / len(ytr), "val_top1": acc})
-        print(f"[train] station head epoch {epoch + 1}/{epochs}: loss {total / len(ytr):.4f}, val top-1 {acc:.1f}",
-              flush=True)
-    clf.requires_grad_(False)
-    clf.eval()
-    if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text("epoch,train_loss,val_top1\n" + "".join(
-            f"{r['epoch']},{r['train_loss']:.5f},{r['val_top1']:.2f}\n" for r in rows))
-    return rows[-1] if rows else {}
+
+    def step_loss(idx):
+        out = head(xtr[idx])
+        logits = out[1] if isinstance(out, (tuple, list)) else out
+        return F.cross_entropy(logits, ytr[idx], label_smoothing=0.05)
+
+    def evaluate():
+        pred = torch.cat([_probs(head(xva[i:i + 256])) for i in range(0, len(yva), 256)]).argmax(1)
+        return (pred == yva).float().mean() * 100
+
+    return _fit_cached_head("station head", [head], len(ytr), step_loss, evaluate, epochs, batch, lr, log,
+                            "val_top1")
+
+
+def train_semantic_head(teachers: MultiTaskTeachers, images: np.ndarray, semantic: np.ndarray, epochs: int = 12,
+                        batch: int = 32, lr: float = 2e-3, val_fraction: float = 0.1, log: Path | None = None) -> dict:
+    """Train the segmentation head (yolo26-sem layers 11-17) on the frozen body's cached features.
+
+    The head reads body layers 4, 6 and 10; they are computed once (half precision, about 0.4 MB per frame at
+    256 px), so an epoch costs the head alone: on 2 CPU cores many epochs take the time Ultralytics' trainer
+    needs for one, since it recomputes the frozen body and its augmentation every step. Loss: cross-entropy of the
+    upsampled logits (and 0.4 x the auxiliary output's) plus soft Dice, so small garments weigh against the
+    background; validation: mIoU from one confusion matrix at full resolution (``log`` column ``val_miou``)."""
+    from codec.metrics import SegmentationMetric
+    from codec.teachers import run_layers
+
+    sem = teachers.semantic
+    taps = sorted({j for m in sem.model[SEM_HEAD_START:] for j in ([m.f] if isinstance(m.f, int) else m.f)
+                   if j not in (-1,) and j < SEM_HEAD_START} | {SEM_HEAD_START - 1})
+    cached: dict[int, list[torch.Tensor]] = {j: [] for j in taps}
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), 32), desc="segmentation features", unit="batch"):
+            x = torch.from_numpy(images[i:i + 32]).permute(0, 3, 1, 2).float().div(255.0)
+            cache = teachers.backbone(x)
+            for j in taps:
+                cached[j].append(cache[j].half())
+    feats = {j: torch.cat(v) for j, v in cached.items()}
+    n = len(images)
+    n_val = max(1, int(n * val_fraction))
+    n_train = n - n_val
+    side = 128  # loss resolution: logits upsampled, masks subsampled (nearest)
+    masks = torch.from_numpy(np.stack([cv2_resize_nearest(m, side) for m in semantic])).long()
+    num = _num_semantic_classes(sem)
+    head = [sem.model[i] for i in range(SEM_HEAD_START, len(sem.model))]
+
+    def forward(idx) -> tuple:
+        c = {j: feats[j][idx].float() for j in taps}
+        out = run_layers(sem, c, SEM_HEAD_START)
+        return out if isinstance(out, (tuple, list)) else (out,)
+
+    def step_loss(idx):
+        outs = forward(idx)
+        target = masks[idx]
+        loss = 0.0
+        for k, logits in enumerate(outs):
+            up = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)
+            weight = 1.0 if k == 0 else 0.4
+            loss = loss + weight * F.cross_entropy(up, target)
+            if k == 0:
+                prob = up.softmax(1)
+                onehot = F.one_hot(target, num).permute(0, 3, 1, 2).float()
+                inter = (prob * onehot).sum((0, 2, 3))
+                dice = 1 - (2 * inter + 1) / (prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1)
+                loss = loss + dice[onehot.sum((0, 2, 3)) > 0].mean()
+        return loss
+
+    def evaluate():
+        metric = SegmentationMetric(num)
+        for i in range(n_train, n, 32):
+            idx = torch.arange(i, min(i + 32, n))
+            logits = forward(idx)[0]
+            up = F.interpolate(logits.contiguous(memory_format=torch.channels_last),
+                               size=semantic.shape[1:], mode="bilinear", align_corners=False)
+            for p, g in zip(up.argmax(1).numpy(), semantic[i:i + 32]):
+                metric.add(p, g)
+        return metric.summary().get("miou", 0.0)
+
+    return _fit_cached_head("segmentation head", head, n_train, step_loss, evaluate, epochs, batch, lr, log,
+                            "val_miou")
+
+
+def cv2_resize_nearest(mask: np.ndarray, side: int) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(mask, (side, side), interpolation=cv2.INTER_NEAREST)
+
+
+def _num_semantic_classes(model) -> int:
+    return int(model.model[-1].nc)
 
 
 def _probs(out) -> torch.Tensor:
