@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = {"frames": 64, "seed": 4242, "batch": 8, "jpeg_qualities": [10, 30, 50, 70, 90],
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         log.addHandler(h)
         log.setLevel(logging.INFO)
         log.propagate = False
-    import pipeline.offline  # noqa: F401
+    import core.offline  # noqa: F401
     for handler in logging.getLogger("ultralytics").handlers:  # Ultralytics logs to stdout; stdout is the JSON
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(sys.stderr)

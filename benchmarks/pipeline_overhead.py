@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import pipeline.offline  # noqa: E402,F401
+import core.offline  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from pipeline.codecs import get_codec
     from pipeline.graph import GraphRunner, parse_graph
     from stages.consumers import map_result
-    from stages.edge import letterbox_image, letterbox_params
+    from core.geometry import letterbox_image, letterbox_params
     from transport import wire
     from transport.session import EdgeClient
 

@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         import contextlib
         import logging
 
-        import pipeline.offline  # noqa: F401
+        import core.offline  # noqa: F401
         for h in logging.getLogger("ultralytics").handlers:
             if isinstance(h, logging.StreamHandler):
                 h.setStream(sys.stderr)

@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

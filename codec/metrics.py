@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-import pipeline.offline  # noqa: F401
+import core.offline  # noqa: F401
 from codec.tasks import TASKS, get_task
 from ultralytics.utils.metrics import ap_per_class, box_iou
 

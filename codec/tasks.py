@@ -35,8 +35,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from core.geometry import map_boxes, map_class_map  # noqa: F401 - used here, and re-exported (their former home)
+from core.rle import rle_decode, rle_encode  # noqa: F401 - re-exported (their former home)
+
 if TYPE_CHECKING:  # pragma: no cover - type hints only
-    from pipeline.stage import Letterbox
+    from core.geometry import Letterbox
 
 _TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -194,45 +197,6 @@ PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                     [0, 128, 128], [220, 190, 255], [170, 110, 40], [128, 0, 0]], np.uint8)
 
 
-def map_boxes(boxes: np.ndarray, lb: "Letterbox") -> np.ndarray:
-    """xyxy boxes in model-input pixels -> original-frame pixels (undo pad, undo scale, clip)."""
-    b = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
-    b[:, [0, 2]] -= lb.left
-    b[:, [1, 3]] -= lb.top
-    b /= lb.ratio
-    b[:, [0, 2]] = b[:, [0, 2]].clip(0, lb.orig_w)
-    b[:, [1, 3]] = b[:, [1, 3]].clip(0, lb.orig_h)
-    return b
-
-
-def map_class_map(cmap: np.ndarray, lb: "Letterbox") -> np.ndarray:
-    """(S, S) class map in model-input pixels -> (H, W) of the original frame (crop the pad, resize nearest)."""
-    import cv2
-
-    crop = np.ascontiguousarray(cmap[lb.top:lb.top + lb.unpad_h, lb.left:lb.left + lb.unpad_w])
-    if crop.shape[:2] == (lb.orig_h, lb.orig_w):
-        return crop.astype(np.uint8)
-    return cv2.resize(crop.astype(np.uint8), (lb.orig_w, lb.orig_h), interpolation=cv2.INTER_NEAREST)
-
-
-def rle_encode(cmap: np.ndarray) -> dict:
-    """Run-length encoding of a class map, row-major: values[i] repeated counts[i] times."""
-    flat = np.asarray(cmap).reshape(-1)
-    if flat.size == 0:
-        return {"size": list(cmap.shape), "values": [], "counts": []}
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate(([0], change))
-    counts = np.diff(np.concatenate((starts, [flat.size])))
-    return {"size": [int(cmap.shape[0]), int(cmap.shape[1])], "values": flat[starts].astype(int).tolist(),
-            "counts": counts.astype(int).tolist()}
-
-
-def rle_decode(rle: dict) -> np.ndarray:
-    """The class map of :func:`rle_encode`'s output."""
-    h, w = rle["size"]
-    return np.repeat(np.asarray(rle["values"], np.uint8), np.asarray(rle["counts"], np.int64)).reshape(h, w)
-
-
 def station_columns(w: int, h: int) -> tuple[int, int]:
     """The inspection station's borders (``conveyor.classes.STATION`` of the square model input) in the columns of
     a ``w`` x ``h`` original frame, through the centred letterbox the edge applies."""
@@ -255,7 +219,7 @@ def _detection_head(teachers: Any, cache: dict) -> Any:
 
 
 def _detection_postprocess(raw: Any, opts: HeadOptions) -> list[dict]:
-    import pipeline.offline  # noqa: F401 - before Ultralytics
+    import core.offline  # noqa: F401 - before Ultralytics
     from ultralytics.utils import nms
 
     out = nms.non_max_suppression(_first(raw), opts.conf, opts.iou, max_det=opts.max_det, end2end=opts.end2end)

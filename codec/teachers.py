@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import pipeline.offline  # noqa: F401
+import core.offline  # noqa: F401
 from codec.tasks import TASKS, HeadOptions, get_task  # noqa: F401  (TASKS re-exported: codec.teachers.TASKS)
 from conveyor.classes import STATION
 from ultralytics.nn.tasks import ClassificationModel, DetectionModel, SemanticSegmentationModel, load_checkpoint

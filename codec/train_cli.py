@@ -5,7 +5,7 @@ import argparse
 
 import yaml
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

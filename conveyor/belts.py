@@ -22,7 +22,7 @@ import functools
 import cv2
 import numpy as np
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 
 TRAIN_PHOTOS = ("astronaut", "brick", "camera", "cat", "cell", "coffee", "grass", "gravel", "immunohistochemistry",
                 "moon", "page", "retina", "rocket", "text", "clock", "checkerboard", "microaneurysms",

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from conveyor.classes import FRAME_LABELS, ITEM_NAMES
+from core.rle import rle_decode_pairs as rle_decode, rle_encode_pairs as rle_encode  # noqa: F401 - the sidecar format; old names kept
 
 
 @dataclass
@@ -38,23 +39,6 @@ class FrameTruth:
 def sidecar_path(video_path: str | Path) -> Path:
     p = Path(video_path)
     return p.with_name(p.stem + ".gt.jsonl")
-
-
-def rle_encode(a: np.ndarray) -> list[int]:
-    flat = np.ascontiguousarray(a).reshape(-1)
-    if flat.size == 0:
-        return []
-    starts = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]))
-    runs = np.diff(np.concatenate([starts, [flat.size]]))
-    return np.stack([flat[starts].astype(np.int64), runs], axis=1).reshape(-1).tolist()
-
-
-def rle_decode(rle: list[int], shape: tuple[int, int]) -> np.ndarray:
-    pairs = np.asarray(rle, np.int64).reshape(-1, 2)
-    out = np.repeat(pairs[:, 0], pairs[:, 1]).astype(np.uint8)
-    if out.size != shape[0] * shape[1]:
-        raise ValueError(f"semantic RLE covers {out.size} pixels, expected {shape[0]}x{shape[1]}")
-    return out.reshape(shape)
 
 
 def frame_record(frame) -> dict:

@@ -45,7 +45,7 @@ import numpy as np
 from conveyor.belts import ALL_FAMILIES, BELT_SETS, draw_family, make_belt
 from conveyor.classes import FRAME_LABELS, ITEM_NAMES, NUM_ITEMS, STATION
 from conveyor.render import Camera, Sprite, distractor_sprite, garment_sprite, paste
-from pipeline.errors import UsageError
+from core.errors import UsageError
 
 ITEM_SOURCES = ("auto", "fashion", "drawn")
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"

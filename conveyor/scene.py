@@ -25,7 +25,7 @@ import numpy as np
 from conveyor.belts import BELT_SETS, ALL_FAMILIES, draw_family, make_belt
 from conveyor.line import DEFAULT_FASHION_DIR, ItemSource, LineFrame, frame_truth
 from conveyor.render import Camera, compress, distractor_sprite, paste
-from pipeline.errors import UsageError
+from core.errors import UsageError
 
 
 @dataclass

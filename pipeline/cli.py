@@ -12,8 +12,8 @@ import importlib
 import sys
 from typing import Sequence
 
-import pipeline.offline  # noqa: F401  (before anything imports ultralytics)
-from pipeline.errors import UsageError
+import core.offline  # noqa: F401  (before anything imports ultralytics)
+from core.errors import UsageError
 
 # name -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

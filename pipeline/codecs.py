@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import pipeline.offline  # noqa: F401
-from pipeline.errors import UsageError
+import core.offline  # noqa: F401
+from core.errors import UsageError
 
 _CACHE: dict[tuple[str, str], Any] = {}
 _LOCK = threading.Lock()

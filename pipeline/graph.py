@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import yaml
 
-from pipeline.errors import IncompleteInput, UsageError
+from core.errors import IncompleteInput, UsageError
 from pipeline.stage import (EndOfStream, Source, Stage, StageContext, StageStats, as_list, available_stages,
                             create_stage, get_stage_class)
 

@@ -31,7 +31,8 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
+from core.geometry import Letterbox  # noqa: F401 - re-exported (its former home)
 
 ENTRY_POINT_GROUP = "ladon.stages"
 DISTRIBUTION = "ladon-stream"  # this project's name in its installed metadata (its entry points are the built-ins)
@@ -63,19 +64,6 @@ class Packet:
     header: Any = None  # transport.wire.WireHeader once received
     payload: Any = None  # memoryview of the payload once received
     received_ns: int = 0
-
-
-@dataclass
-class Letterbox:
-    """How the edge fitted the original frame into the square model input."""
-    orig_w: int
-    orig_h: int
-    size: int
-    ratio: float
-    left: int
-    top: int
-    unpad_w: int
-    unpad_h: int
 
 
 @dataclass

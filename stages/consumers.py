@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 
 from codec.tasks import TASKS, Task, get_task, watch_tasks
-from codec.tasks import map_boxes, map_class_map  # noqa: F401 - re-exported (their former home)
+from core.geometry import map_boxes, map_class_map  # noqa: F401 - re-exported (their former home)
 from pipeline.codecs import get_codec
-from pipeline.stage import Features, FrameResult, Letterbox, Stage, TaskResult, register_stage, unregister_stage
+from core.geometry import Letterbox
+from pipeline.stage import Features, FrameResult, Stage, TaskResult, register_stage, unregister_stage
 
 
 def map_result(task: str, result, lb: Letterbox):

@@ -8,37 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-import pipeline.offline  # noqa: F401  (before ultralytics, which only letterbox_params imports)
+import core.offline  # noqa: F401  (before ultralytics, which only letterbox_params imports)
+from core.errors import UsageError
+from core.geometry import Letterbox, letterbox_image, letterbox_params  # noqa: F401 - re-exported (former home)
 from pipeline.codecs import get_codec
-from pipeline.errors import UsageError
-from pipeline.stage import Frame, Letterbox, Packet, Source, Stage, register_stage
+from pipeline.stage import Frame, Packet, Source, Stage, register_stage
 from transport import wire
-
-
-def letterbox_params(orig_w: int, orig_h: int, size: int) -> Letterbox:
-    """The letterbox Ultralytics' LetterBox applies (its own get_params), as plain numbers the server reuses."""
-    from ultralytics.data.augment import LetterBox
-    dummy = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (orig_h, orig_w, 3))
-    p = LetterBox(new_shape=(size, size), auto=False, scaleup=True, center=True).get_params({"img": dummy})
-    return Letterbox(orig_w, orig_h, size, float(p["ratio"][0]), int(p["left"]), int(p["top"]),
-                     int(p["new_unpad"][0]), int(p["new_unpad"][1]))
-
-
-def letterbox_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Fit an (H, W, 3) frame into the square model input exactly as Ultralytics' ``LetterBox(auto=False,
-    scaleup=True, center=True)`` does (bilinear resize, pad value 114), in OpenCV alone: the device imports no
-    PyTorch or Ultralytics (tested equal to Ultralytics' own)."""
-    import cv2
-
-    h, w = image.shape[:2]
-    r = min(size / h, size / w)
-    new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
-    dw, dh = (size - new_w) / 2, (size - new_h) / 2
-    if (w, h) != (new_w, new_h):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    top, bottom = round(dh - 0.1), round(dh + 0.1)
-    left, right = round(dw - 0.1), round(dw + 0.1)
-    return cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(114, 114, 114))
 
 
 @register_stage

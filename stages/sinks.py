@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from codec.tasks import TASKS, get_task, plain_json
-from codec.tasks import rle_decode, rle_encode, station_columns  # noqa: F401 - re-exported (their former home)
-from pipeline.errors import UsageError
+from codec.tasks import station_columns  # noqa: F401 - re-exported (its former home)
+from core.rle import rle_decode, rle_encode  # noqa: F401 - re-exported (their former home)
+from core.errors import UsageError
 from pipeline.stage import FrameResult, ResultRecord, Stage, register_stage
 
 

@@ -7,7 +7,7 @@ network streams and the conveyor generator are live (``live=True``: dropped unde
 A replay loses nothing silently: a file or folder with no readable frame is refused when the source opens
 (UsageError), and one that ends early (a video cut short: fewer frames than its index lists, a partial packet,
 a decoding error, frames that did not decode) or holds unreadable images raises
-:class:`pipeline.errors.IncompleteInput` after its last readable frame, so the run finishes those frames and
+:class:`core.errors.IncompleteInput` after its last readable frame, so the run finishes those frames and
 then exits 2 with the counts.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Iterator
 import av
 import numpy as np
 
-from pipeline.errors import IncompleteInput, UsageError
+from core.errors import IncompleteInput, UsageError
 from pipeline.stage import Frame, Source, register_stage
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")

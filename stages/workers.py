@@ -34,7 +34,7 @@ from typing import Iterator
 import zmq
 
 from pipeline.codecs import get_codec
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.stage import FrameResult, Packet, ResultRecord, Source, Stage, register_stage
 from transport import control, wire
 from transport.control import ControlError

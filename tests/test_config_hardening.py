@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.graph import MAX_YAML_NODES, graph_variables, load_yaml
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline.offline  # noqa: F401  (before ultralytics)
+import core.offline  # noqa: F401  (before ultralytics)
 from conveyor.belts import ALL_FAMILIES, HELDOUT_FAMILIES, TRAIN_FAMILIES, make_belt
 from conveyor.classes import FRAME_LABELS, ITEM_NAMES, SEMANTIC_NAMES, STATION
 from conveyor.groundtruth import load_ground_truth

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.commands import _factory
 from pipeline.commands._common import load
-from pipeline.errors import UsageError
+from core.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 

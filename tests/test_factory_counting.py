@@ -11,7 +11,7 @@ import pytest
 
 from conveyor.classes import ITEM_NAMES
 from conveyor.line import ConveyorLine, LineConfig
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.stage import FrameResult, StageContext, StageStats, create_stage
 from stages.factory.counting import LineCounter, station_band
 from stages.factory.tracking import ItemTracker

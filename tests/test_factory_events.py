@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.graph import GraphRunner, load_graph
 from pipeline.stage import create_stage
 from stages.factory.events import LineEvents, parse_rules

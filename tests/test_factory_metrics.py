@@ -12,7 +12,7 @@ import pytest
 
 from conveyor.classes import ITEM_NAMES
 from conveyor.line import LineConfig
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.graph import GraphRunner, parse_graph
 from pipeline.stage import FrameResult, Source, create_stage, register_stage
 from stages.factory.truth import IdentifiedLine, detections_from_truth

@@ -16,7 +16,7 @@ import pytest
 
 from conveyor.classes import ITEM_NAMES
 from conveyor.line import LineConfig
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.stage import FrameResult, StageContext, StageStats, create_stage
 from stages.factory.truth import IdentifiedLine, detections_from_truth
 

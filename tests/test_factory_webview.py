@@ -22,7 +22,7 @@ import pytest
 
 from conveyor.classes import ITEM_NAMES
 from conveyor.line import LineConfig
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.graph import GraphRunner, parse_graph
 from pipeline.stage import Frame, FrameResult, Source, create_stage, register_stage
 from stages.factory import webview  # noqa: F401  (registers sink.view)

@@ -123,8 +123,8 @@ def test_tcp_replay_every_frame_once_in_order_and_equal_to_direct(tmp_path):
     # the same frames through the codec and heads directly
     from codec.api import SplitCodec
     from stages.consumers import map_result
-    from stages.edge import letterbox_image, letterbox_params
-    from stages.sinks import rle_decode
+    from core.geometry import letterbox_image, letterbox_params
+    from core.rle import rle_decode
     codec = SplitCodec.random(input_size=64, seed=0)
     lb = letterbox_params(w, h, 64)
     for img, row in zip(read_frames(video), rows):

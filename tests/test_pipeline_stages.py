@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import zmq
 
-from pipeline.errors import UsageError
-from pipeline.stage import Features, FrameResult, Letterbox, StageContext, StageStats, TaskResult, create_stage
+from core.errors import UsageError
+from core.geometry import Letterbox
+from pipeline.stage import Features, FrameResult, StageContext, StageStats, TaskResult, create_stage
 from stages.sources import CameraSource, ImageFolderSource, NetworkStreamSource, VideoFileSource, source_for
 
 

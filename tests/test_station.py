@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import pipeline.offline  # noqa: F401  (before ultralytics)
+import core.offline  # noqa: F401  (before ultralytics)
 from codec.teachers import MultiTaskTeachers, TeacherSpec, station_window
 from codec.train import train_station_head
 from conveyor.classes import FRAME_LABELS, STATION

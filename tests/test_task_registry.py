@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from codec.tasks import TASKS, Task, get_task, register_task, unregister_task
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.stage import FrameResult, available_stages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def test_toy_task_runs_through_consumers_merge_jsonl_video_and_metrics(tmp_path,
     from codec.metrics import TaskMetrics
     from pipeline.codecs import get_codec
     from pipeline.graph import GraphRunner, parse_graph
-    from stages.edge import letterbox_image
+    from core.geometry import letterbox_image
     from stages.sinks import annotate
 
     frames = tmp_path / "frames"

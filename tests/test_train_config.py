@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from codec.config import load_config
-from pipeline.errors import UsageError
+from core.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 

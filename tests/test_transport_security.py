@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from pipeline.cli import main
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from tests.transport_helpers import Relay, free_port, make_keys
 from transport import wire
 from transport.security import client_security, server_security

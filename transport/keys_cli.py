@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 

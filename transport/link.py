@@ -14,7 +14,7 @@ import time
 
 import zmq
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 
 _ENDPOINT = re.compile(r"^(tcp://(\*|[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5}|\*)|ipc://.+|inproc://.+)$")
 

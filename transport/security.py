@@ -18,7 +18,7 @@ from pathlib import Path
 
 import zmq
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 
 _AUTH: dict[int, object] = {}
 _AUTH_LOCK = threading.Lock()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.graph import GraphSpec, graph_variables
 
 #: integration -> the stage key the factory graphs give it
@@ -136,9 +136,9 @@ def factory_plan(args: argparse.Namespace, command: str) -> FactoryPlan | None:
     if args.metrics_port is not None:
         v["metrics_host"], v["metrics_port"] = host_port(args.metrics_port, "127.0.0.1", None, "--metrics-port")
     if args.opcua is not None:
-        from stages.factory.opcua_sink import check_endpoint
+        from pipeline.stage import get_stage_class  # the sink's own check, via the registry (stages sit above)
         try:
-            check_endpoint(args.opcua)
+            get_stage_class("sink.opcua").check_endpoint(args.opcua)
         except UsageError as exc:
             raise UsageError(f"--opcua: {exc}") from None
         v["opcua_endpoint"] = args.opcua

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.classes import STATION
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.stage import FrameResult, Stage, register_stage
 
 DIRECTIONS = ("any", "ltr", "rtl")

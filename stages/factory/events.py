@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.stage import FrameResult, Stage, register_stage
 
 ITEM_EMITS = ("new", "update", "end")

@@ -27,7 +27,7 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.stage import FrameResult, Stage, register_stage
 
 _TOPIC_BAD = set("+#\x00")

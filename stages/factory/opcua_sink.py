@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.stage import FrameResult, Stage, register_stage
 from stages.factory.linestate import LineState
 
@@ -263,6 +263,8 @@ class OpcUaSink(Stage):
     """OPC UA server (asyncua): per-line and per-class counts, last item, line state and health as read-only tags."""
     key = "sink.opcua"
     accepts = (FrameResult,)
+    #: the endpoint check, for callers that reach this class through the stage registry (the CLI)
+    check_endpoint = staticmethod(check_endpoint)
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, namespace: str = DEFAULT_NAMESPACE, line: str = "line1",
                  server_name: str = "Ladon line server", update_ms: float = 200, stale_s: float = 5.0,

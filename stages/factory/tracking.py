@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.stage import FrameResult, Stage, register_stage
 
 CLOCKS = ("capture", "frames")
@@ -142,7 +142,7 @@ class ItemTracker:
     def __init__(self, high_thresh: float = 0.25, low_thresh: float = 0.1, new_track_thresh: float = 0.25,
                  track_buffer: int = 30, match_thresh: float = 0.8, fuse_score: bool = True,
                  stitch_dist: float = 0.5, max_gap: int = 30, belt_motion: Any = "auto", motion_smoothing: float = 0.2):
-        import pipeline.offline  # noqa: F401 - Ultralytics never reaches for the network
+        import core.offline  # noqa: F401 - Ultralytics never reaches for the network
         try:
             from ultralytics.trackers.byte_tracker import BYTETracker
         except ImportError as exc:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UsageError
+from core.errors import UsageError
 from pipeline.stage import Frame, FrameResult, Stage, register_stage
 from stages.factory.linestate import LineState
 
