@@ -2,8 +2,8 @@
 
     python -m benchmarks.curves --run runs/default --out benchmarks/results
 
-reads ``teachers/detect/results.csv`` and ``teachers/semantic/results.csv`` (Ultralytics) and
-``teachers/classify/results.csv`` (the station head), copies them to ``OUT/curves/`` (they are small and
+reads ``teachers/detect/results.csv`` (Ultralytics), ``teachers/semantic/results.csv`` and
+``teachers/classify/results.csv`` (the heads trained on cached body features, ``codec.train``), copies them to ``OUT/curves/`` (they are small and
 outlive the run folder) and draws ``OUT/learning_curves.png``: validation box mAP50 / mAP50-95, mIoU and
 station top-1 per epoch, on the training scenes' val split (the training distribution, not held-out belts).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 SERIES = {  # file -> [(column, label)]
     "detect": [("metrics/mAP50(B)", "box mAP50"), ("metrics/mAP50-95(B)", "box mAP50-95")],
-    "semantic": [("metrics/mIoU", "mIoU")],
+    "semantic": [("val_miou", "mIoU")],
     "classify": [("val_top1", "station top-1")],
 }
 
