@@ -283,7 +283,7 @@ def test_the_session_of_an_ended_run_takes_nothing_over(tmp_path):
         srv.close()
 
 
-def zmq_dealer(ep: str, sec) -> "zmq.Socket":
+def zmq_dealer(ep: str, sec):
     import zmq
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
