@@ -1,27 +1,29 @@
 """The conveyor line: garments on a textured belt, with exact ground truth for every frame.
 
 What a frame shows
-    A belt (a real texture from ``skimage.data``, mirrored so it tiles seamlessly, tinted per seed) between two
-    static rails moves left to right at ``belt_speed`` frame widths per second. Items ride on it at belt speed:
-    Fashion-MNIST garments (real 28x28 images, tinted, scaled to ``min_item``-``max_item`` px at 256 px frames,
-    rotated) or, where Fashion-MNIST is absent or ``items='drawn'``, procedurally drawn parts (one simple shape
-    per class). They enter at the left edge and leave at the right; gaps between items vary, some items overlap
-    and now and then an empty stretch passes. The camera adds slow lighting drift (global gain and a left/right
-    gradient), horizontal motion blur and Gaussian sensor noise.
+    A belt drawn from a family of ``conveyor.belts`` (``belts``: a set or one family; the seed picks it, with its
+    colour and pattern), mirrored so it tiles seamlessly, between two rails, moves left to right at ``belt_speed``
+    frame widths per second. Items ride on it at belt speed: Fashion-MNIST garments (real 28x28 images, scaled
+    to ``min_item``-``max_item`` px at 256 px frames, rotated, with a randomised appearance) or, where
+    Fashion-MNIST is absent or ``items='drawn'``, procedurally drawn parts; now and then a non-garment distractor
+    (background in every task). They enter at the left edge and leave at the right; gaps vary, some items
+    overlap and now and then an empty stretch passes. Each line has its own camera (``conveyor.render.Camera``:
+    gain, contrast, gamma, white balance, gradients, mild perspective) plus slow lighting drift, motion blur
+    along the belt and sensor noise. ``look='plain'`` keeps the original uniform look.
 
 Ground truth (exact, computed from the render, never estimated)
-    * Item mask: the pixels of the resized and rotated 28x28 image above ``MASK_THRESHOLD``; only those pixels
-      are painted, so the mask *is* the visible garment.
+    * Item mask: the pixels where the garment dominates (alpha >= 0.5 after resize and rotate; ``conveyor.render``),
+      so the mask *is* the visible garment.
     * Occlusion: items are painted in spawn order, a later item over an earlier one. An instance mask is the
       item's *visible* pixels; its box is the bounding box of that mask, in pixel-edge ``xyxy`` coordinates
       (``x2 = last column + 1``), so boxes are clipped at the frame border by construction.
     * Items with fewer than ``min_visible`` visible pixels (default 0.15 % of the frame) are left out of the
       detection / instance truth; the semantic map still paints them (it is the exact per-pixel class).
     * Semantic map: ``(H, W) uint8``, 0 = background, an item of class ``c`` is ``c + 1`` (``SEMANTIC_NAMES``).
-    * Frame label (classification), the **inspection-line rule**: the inspection line is the vertical centre
-      column ``x = W // 2``. Among the items in the detection truth, the one with the most visible pixels on that
-      column gives the label ``class + 1``; ties go to the front-most (later painted) item. No item pixel on the
-      line gives ``0 = empty`` (``FRAME_LABELS``).
+    * Frame label (classification), the **station rule** (``conveyor.classes.STATION``): among the items in the
+      detection truth, those whose visible-pixel centroid lies in the station band (the central quarter of the
+      width) are at the station; the one with the most visible pixels inside the band gives ``class + 1`` (ties:
+      the front-most); none gives ``0 = empty`` (``FRAME_LABELS``).
     * Truth is taken before blur and noise (the blur is a few pixels along the belt direction).
 
 Determinism: everything derives from ``seed``; iterating a line twice gives identical frames, and two seeds give
