@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Iterable
 
 import cv2
-import numpy as np
 
 from conveyor.classes import FRAME_LABELS, ITEM_NAMES, SEMANTIC_NAMES
 from conveyor.groundtruth import record_line, sidecar_path
+from conveyor.render import yuv420_video_frame
 
 X264_OPTIONS = {"crf": "18", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}  # mbtree reads
 # uninitialised padding at some frame sizes (e.g. 96, 160 px) and made identical input encode differently
@@ -46,17 +46,7 @@ class VideoWriter:
         self._side = open(sidecar_path(self.path), "w", encoding="utf-8", newline="\n")
 
     def write(self, frame) -> None:
-        # RGB -> limited-range BT.601 I420 in OpenCV, not swscale: swscale's SIMD path depends on buffer
-        # alignment and made identical frames encode to different bytes
-        yuv = cv2.cvtColor(np.ascontiguousarray(frame.image), cv2.COLOR_RGB2YUV_I420)
-        h, w = frame.image.shape[:2]
-        vf = self._av.VideoFrame(w, h, "yuv420p")
-        planes = (yuv[:h], yuv[h:h + h // 4].reshape(h // 2, w // 2), yuv[h + h // 4:].reshape(h // 2, w // 2))
-        for plane, data in zip(vf.planes, planes):
-            buf = np.zeros((plane.height, plane.line_size), np.uint8)
-            buf[:, :data.shape[1]] = data
-            plane.update(buf.tobytes())
-        vf.pts = self.count
+        vf = yuv420_video_frame(frame.image, self.count)
         for packet in self._stream.encode(vf):
             self._container.mux(packet)
         self._side.write(record_line(frame))

@@ -230,6 +230,23 @@ def compress(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return image
 
 
+def yuv420_video_frame(image: np.ndarray, pts: int):
+    """An RGB frame as a PyAV yuv420p VideoFrame, converted by OpenCV (limited-range BT.601), not swscale: its SIMD
+    path depends on buffer alignment and made identical frames encode to different bytes."""
+    import av
+
+    h, w = image.shape[:2]
+    yuv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2YUV_I420)
+    vf = av.VideoFrame(w, h, "yuv420p")
+    planes = (yuv[:h], yuv[h:h + h // 4].reshape(h // 2, w // 2), yuv[h + h // 4:].reshape(h // 2, w // 2))
+    for plane, data in zip(vf.planes, planes):
+        buf = np.zeros((plane.height, plane.line_size), np.uint8)
+        buf[:, :data.shape[1]] = data
+        plane.update(buf.tobytes())
+    vf.pts = pts
+    return vf
+
+
 def h264_roundtrip(image: np.ndarray, crf: int) -> np.ndarray:
     """Encode one RGB frame with libx264 at ``crf`` (one thread: deterministic) and decode it back."""
     import av
@@ -240,14 +257,7 @@ def h264_roundtrip(image: np.ndarray, crf: int) -> np.ndarray:
     codec.time_base = Fraction(1, 15)
     codec.thread_count = 1
     codec.options = {"crf": str(crf), "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
-    yuv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2YUV_I420)
-    vf = av.VideoFrame(w, h, "yuv420p")
-    planes = (yuv[:h], yuv[h:h + h // 4].reshape(h // 2, w // 2), yuv[h + h // 4:].reshape(h // 2, w // 2))
-    for plane, data in zip(vf.planes, planes):
-        buf = np.zeros((plane.height, plane.line_size), np.uint8)
-        buf[:, :data.shape[1]] = data
-        plane.update(buf.tobytes())
-    vf.pts = 0
+    vf = yuv420_video_frame(image, 0)
     packets = list(codec.encode(vf)) + list(codec.encode(None))
     dec = av.CodecContext.create("h264", "r")
     frames = []
