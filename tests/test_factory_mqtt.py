@@ -143,6 +143,10 @@ def test_every_event_arrives_once_across_broker_down_at_start_and_restart(tmp_pa
             t0 = time.perf_counter()
             sink.process(fr)
             assert time.perf_counter() - t0 < 0.05
+        # paho's network thread finds the broker down on its own schedule (slow on a loaded machine): wait for it
+        deadline = time.monotonic() + 15
+        while not any("unreachable" in line and "buffer" in line for line in logs) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert any("unreachable" in line and "buffer" in line for line in logs), logs
         broker.start()
         for fr in frames[third:2 * third]:
