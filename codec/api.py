@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ import torch
 from codec.entropy_coder import get_coder, latent_from_symbols, symbols_from_latent
 from codec.payload import EncodedFrame
 from codec.student import EdgeEncoder, StudentSpec, count_macs
-from codec.tasks import TASKS  # the registered task names, read live (codec.tasks)
+from codec.tasks import TASKS, get_task  # the registered task names, read live (codec.tasks)
 from compressai.entropy_models import EntropyBottleneck
 from compressai.models.utils import update_registered_buffers
 
@@ -50,6 +51,31 @@ class Features:
 
     cache: dict[int, torch.Tensor]
     batch: int
+    _raw: dict = field(default_factory=dict, repr=False, compare=False)
+    _locks: dict = field(default_factory=dict, repr=False, compare=False)
+    _guard: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def raw(self, task: str, compute: Callable[[], Any]) -> Any:
+        """A head's raw batch output, computed once for these features even when several consumers (threads)
+        ask for it: a task derived from others (the station label from the items) reuses their heads' work.
+        Each caller gets its own copy of the tensors (Ultralytics' NMS rewrites its input in place)."""
+        with self._guard:
+            lock = self._locks.setdefault(task, threading.Lock())
+        with lock:
+            if task not in self._raw:
+                self._raw[task] = compute()
+            return _copied(self._raw[task])
+
+
+def _copied(raw: Any) -> Any:
+    """``raw`` with every tensor cloned (lists, tuples and dicts rebuilt around them)."""
+    if isinstance(raw, torch.Tensor):
+        return raw.clone()
+    if isinstance(raw, (list, tuple)):
+        return type(raw)(_copied(r) for r in raw)
+    if isinstance(raw, dict):
+        return {k: _copied(v) for k, v in raw.items()}
+    return raw
 
 
 def model_fingerprint(spec: StudentSpec, input_size: int, teacher_yaml: dict, eb: EntropyBottleneck,
@@ -152,6 +178,7 @@ class SplitCodec(_EntropyCoding):
                                              entropy_coder)
         self.class_names = {t: model.teachers.names(t) for t in TASKS}
         self.fused = False
+        self.station_from = "items"  # the station label: "items" (from detection + segmentation) or "head"
         self.latent_shape = (model.spec.latent_channels, self.input_size // 4, self.input_size // 4)
         self.metadata: dict = {}
 
@@ -203,12 +230,28 @@ class SplitCodec(_EntropyCoding):
     @torch.no_grad()
     def head(self, task: str, features: Features, conf: float = 0.25) -> list:
         """One task's per-frame results (the forms: each task's ``result`` in :mod:`codec.tasks`)."""
-        from codec.teachers import postprocess
-
         if task not in TASKS:
             raise CodecError(f"unknown task {task!r}; expected one of {TASKS}")
-        raw = self.model.teachers.head_raw(task, features.cache)
-        return postprocess(task, raw, self.input_size, conf=conf, end2end=self._end2end)
+        return self._results(task, lambda t: features.raw(t, lambda: self.model.teachers.head_raw(t, features.cache)),
+                             conf)
+
+    def derives(self, task: str) -> bool:
+        """Whether ``task``'s results come from other tasks' results (its ``derive`` hook) rather than its own
+        head: the station label is read off the detected items when the checkpoint's classifier is a station
+        classifier (``station_from = "items"``, the default; ``"head"`` uses the station head)."""
+        t = get_task(task)
+        return t.derive is not None and self.station_from == "items" and bool(self.model.teachers.station)
+
+    def _results(self, task: str, raw_of: Callable[[str], Any], conf: float) -> list:
+        """One task's per-frame results from raw head outputs (``raw_of(task)``, memoised by the caller)."""
+        from codec.teachers import postprocess
+
+        if self.derives(task):
+            t = get_task(task)
+            inputs = {name: postprocess(name, raw_of(name), self.input_size, conf=t.derive_conf,
+                                        end2end=self._end2end) for name in t.derive_inputs}
+            return t.derive(inputs, self.input_size)
+        return postprocess(task, raw_of(task), self.input_size, conf=conf, end2end=self._end2end)
 
     def heads(self, features: Features, tasks: Sequence[str] = TASKS, conf: float = 0.25) -> list[dict]:
         """All requested heads, regrouped per frame: [{task: result}, ...]."""
@@ -218,12 +261,9 @@ class SplitCodec(_EntropyCoding):
     @torch.no_grad()
     def teachers_on_frames(self, frames: np.ndarray, tasks: Sequence[str] = TASKS, conf: float = 0.25) -> list[dict]:
         """The reference: the teachers run on the raw frames (no compression)."""
-        from codec.teachers import postprocess
-
         x = _frames_to_tensor(frames, self.input_size)
-        cache = self.model.teachers.backbone(x)
-        per_task = {t: postprocess(t, self.model.teachers.head_raw(t, cache), self.input_size, conf=conf,
-                                   end2end=self._end2end) for t in tasks}
+        features = Features(self.model.teachers.backbone(x), x.shape[0])
+        per_task = {t: self.head(t, features, conf=conf) for t in tasks}
         return [{t: per_task[t][i] for t in tasks} for i in range(x.shape[0])]
 
     def fuse(self) -> "SplitCodec":

@@ -44,3 +44,72 @@ def test_station_head_learns_and_only_reads_the_band(tmp_path):
     cache[8][..., -1:] -= 5.0
     assert torch.allclose(teachers.head_raw("classification", cache)[0], base)
     assert base.shape == (2, len(FRAME_LABELS))
+
+
+def _truth_as_predictions(frame) -> dict:
+    """A frame's truth in the form of the detection and segmentation heads' results (a perfect model)."""
+    n = len(frame.boxes)
+    return {"detection": {"boxes": frame.boxes.astype(np.float32), "scores": np.full(n, 0.9, np.float32),
+                          "classes": frame.classes.astype(np.int64)},
+            "segmentation": frame.semantic}
+
+
+def test_station_label_from_items_follows_the_labelling_rule_on_truth():
+    """Fed the truth of generated scenes as if predicted, the derived label agrees with the station rule that
+    labelled them on nearly every frame (they differ only where the rule's visible-pixel centroid and the box
+    centre fall on different sides of a band border), and "empty" is exact where no item is near the band."""
+    from codec.tasks import _station_from_items
+
+    frames = list(SceneGenerator(SceneConfig(size=128, seed=11, compression=False)).frames(60))
+    preds = [_truth_as_predictions(f) for f in frames]
+    got = _station_from_items({"detection": [p["detection"] for p in preds],
+                               "segmentation": [p["segmentation"] for p in preds]}, 128)
+    labels = np.array([f.label for f in frames])
+    derived = np.array([g["label"] for g in got])
+    assert len(set(labels.tolist())) >= 4  # the scenes cover several garments and empty frames
+    assert (derived == labels).mean() >= 0.85, (derived, labels)
+    for g in got:  # the label leads its top5, "empty" is always a candidate, probabilities in [0, 1]
+        assert g["top5"][0][0] == g["label"] and any(c == 0 for c, _ in g["top5"])
+        assert all(0.0 <= p <= 1.0 for _, p in g["top5"]) and len(g["top5"]) <= 5
+
+
+def test_station_label_prefers_the_item_with_most_pixels_in_the_band_and_needs_a_mask():
+    from codec.tasks import _station_from_items
+
+    seg = np.zeros((128, 128), np.uint8)
+    seg[10:40, 50:70] = 3  # class 2 item, 600 px in the band (48-80)
+    seg[60:120, 40:90] = 5  # class 4 item, 60 x 32 = 1920 px in the band
+    det = {"boxes": np.array([[50, 10, 70, 40], [40, 60, 90, 120], [100, 0, 127, 30], [55, 0, 75, 8]], np.float32),
+           "scores": np.array([0.9, 0.3, 0.99, 0.95], np.float32), "classes": np.array([2, 4, 7, 9])}
+    (r,) = _station_from_items({"detection": [det], "segmentation": [seg]}, 128)
+    # the big item wins though less sure; the right-hand item is outside the band; the last box has no mask
+    assert r["label"] == 5 and [c for c, _ in r["top5"]] == [5, 3, 0]
+    assert abs(r["top5"][-1][1] - 0.7) < 1e-6  # empty: one minus the winner's score
+    (r,) = _station_from_items({"detection": [det], "segmentation": [np.zeros_like(seg)]}, 128)
+    assert r == {"label": 0, "top5": [(0, 1.0)]}
+
+
+def test_every_head_runs_once_per_batch_however_many_tasks_read_it():
+    """The derived station label reuses the detection and segmentation heads' raw output (Features memo)."""
+    from codec.api import SplitCodec
+
+    codec = SplitCodec.random(input_size=64, seed=0)
+    codec.model.teachers.station = True
+    calls: list[str] = []
+    real = codec.model.teachers.head_raw
+
+    def counting(task, cache):
+        calls.append(task)
+        return real(task, cache)
+
+    codec.model.teachers.head_raw = counting
+    frames = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), np.uint8)
+    features = codec.decode(codec.encode(frames))
+    per_frame = codec.heads(features, conf=0.001)
+    assert sorted(calls) == ["detection", "segmentation"]  # the classifier head itself is not run
+    assert len(per_frame) == 2 and all(set(r) == {"detection", "segmentation", "classification"} for r in per_frame)
+    det_again = codec.head("detection", features, conf=0.001)  # memo: NMS on a copy, same boxes again
+    assert all(np.array_equal(a["detection"]["boxes"], b["boxes"]) for a, b in zip(per_frame, det_again))
+    codec.station_from = "head"
+    codec.heads(features)
+    assert calls.count("classification") == 1
