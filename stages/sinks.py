@@ -257,6 +257,7 @@ class ConsoleSink(Stage):
         self.n = self.n_win = 0
         self.bytes = 0
         self.lat: dict[str, float] = {}
+        self.counts: dict[int, dict] = {}  # stream -> its latest ``counts`` (count.items upstream)
         self.tty = sys.stderr.isatty()
 
     def line(self) -> str:
@@ -269,7 +270,21 @@ class ConsoleSink(Stage):
         link = self.ctx.shared.get("link_status")
         link = f"  [{link()}]" if callable(link) else ""
         return (f"frames {self.n}  {fps:5.1f} fps  {self.bytes / max(self.n, 1) / 1000:.2f} kB/frame  "
-                f"ms: {lat}  drops {drops}  errors {errs}{link}")
+                f"ms: {lat}{self.counts_text()}  drops {drops}  errors {errs}{link}")
+
+    def counts_text(self) -> str:
+        """``  items N (class n, ...)``: the items counted at the station so far, over all streams (the three
+        most frequent classes); empty without a count.items stage upstream."""
+        if not self.counts:
+            return ""
+        total, by_class = 0, {}
+        for c in self.counts.values():
+            total += int(c.get("total") or 0)
+            for k, v in (c.get("by_class") or {}).items():
+                by_class[k] = by_class.get(k, 0) + int(v)
+        top = sorted(by_class.items(), key=lambda kv: -kv[1])[:3]
+        more = ", ..." if len(by_class) > 3 else ""
+        return f"  items {total}" + (f" ({', '.join(f'{k} {v}' for k, v in top)}{more})" if top else "")
 
     def process(self, fr):
         self.n += 1
@@ -277,9 +292,13 @@ class ConsoleSink(Stage):
         if isinstance(fr, ResultRecord):
             self.bytes += int(fr.record.get("bytes", 0))
             timings = {k: v for k, v in fr.record.get("latency_ms", {}).items() if v is not None}
+            counts = fr.record.get("counts")
         else:
             self.bytes += fr.wire_bytes
             timings = fr.timings
+            counts = fr.results.get("counts")
+        if isinstance(counts, dict):
+            self.counts[fr.stream] = counts
         for k, v in timings.items():
             self.lat[k] = self.lat.get(k, 0.0) + float(v)
         if time.monotonic() - self.last >= self.interval_s:

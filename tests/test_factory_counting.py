@@ -156,12 +156,15 @@ def test_stages_add_track_ids_tracks_and_counts():
     ctx = lambda name: StageContext(name, "t", None, StageStats(), {}, print, ["x"])  # noqa: E731
     track = create_stage("track.items", names=ITEM_NAMES, clock="frames", fps=15)
     count = create_stage("count.items")
+    console = create_stage("sink.console", interval_s=1e9)
     track.open(ctx("track"))
     count.open(ctx("count"))
+    console.open(ctx("console"))
     rng = np.random.default_rng(1)
     total, last = 0, None
     for tf in line(tuple(sorted(CLEAN.items())))[:200]:
         fr = count.process(track.process(_frame(tf.frame.index, detections_from_truth(tf, rng))))
+        console.process(fr)
         det = fr.results["detection"]
         assert len(det["track_ids"]) == len(det["boxes"])
         ids = [int(t) for t in det["track_ids"] if t >= 0]
@@ -171,6 +174,13 @@ def test_stages_add_track_ids_tracks_and_counts():
         last = fr
     assert last.results["counts"]["total"] == total > 20
     assert sum(last.results["counts"]["by_class"].values()) == total
+    # `bash run.sh` shows the counts: in the console line and in the summary
+    top = max(last.results["counts"]["by_class"].items(), key=lambda kv: kv[1])
+    assert f"items {total} ({top[0]} {top[1]}" in console.line()
+    from pipeline.commands._common import format_summary
+    summary = format_summary({"graph": "g", "wall_s": 1.0, "errors": [], "stages": {"count": {
+        "key": "count.items", "processed": 200, "dropped": 0, "errors": 0, "mean_ms": 0.1, **count.ctx.stats.extra}}})
+    assert f"counted {total} ({top[0]} {top[1]}" in summary
     assert last.results["tracks"]["t"] == pytest.approx(199 / 15)
     assert last.results["tracks"]["velocity"][0] == pytest.approx(128 / 15, abs=1.0)
 

@@ -127,7 +127,9 @@ def summarize(runner: GraphRunner, wall: float) -> dict:
 def format_summary(s: dict) -> str:
     lines = [f"graph {s['graph']}: {s['wall_s']:.1f} s"]
     for name, v in s["stages"].items():
-        extra = "".join(f"  {k} {v[k]}" for k in ("bytes", "refused") if k in v)
+        extra = "".join(f"  {k} {v[k]}" for k in ("bytes", "refused", "counted") if k in v)
+        if v.get("counted_by_class"):
+            extra += " (" + ", ".join(f"{c} {n}" for c, n in v["counted_by_class"].items()) + ")"
         ms = f"  {v['mean_ms']:.2f} ms/msg" if v.get("mean_ms") is not None else ""
         lines.append(f"  {name:16s} {v['key']:22s} {v['processed']:6d} msgs{ms}  dropped {v['dropped']}  "
                      f"errors {v['errors']}{extra}")

@@ -227,4 +227,9 @@ class CountItems(Stage):
         results["counts"] = {"total": c.total, "by_class": dict(c.by_class), "counted": [x.as_dict() for x in new],
                              "items_per_min": round(recent, 3), "items_per_min_total": round(overall, 3)}
         self.ctx.stats.extra["counted"] = sum(x.total for x in self.counters.values())
+        by_class: dict[str, int] = {}
+        for counter in self.counters.values():
+            for name, n in counter.by_class.items():
+                by_class[name] = by_class.get(name, 0) + n
+        self.ctx.stats.extra["counted_by_class"] = dict(sorted(by_class.items(), key=lambda kv: -kv[1]))
         return dataclasses.replace(fr, results=results)
