@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 def bench(cfg: dict, out: Path, command: str) -> dict:
     import yaml
 
-    from benchmarks import device, entropy, latency, rate, report
+    from benchmarks import device, entropy, factory_cost, latency, rate, report
     from codec.api import CodecError, load_codec
 
     log = logging.getLogger("bench")
@@ -186,6 +186,8 @@ def bench(cfg: dict, out: Path, command: str) -> dict:
     jpeg_q, crf = int(jpeg_row["setting"][1:]), int(h264_row["setting"][3:])
     dev = device.device_cost(default, frames, cfg, default_ckpt, jpeg_q, crf)
     ent = entropy.entropy_bench(default, frames[:cfg["entropy_frames"]], max(1, min(cfg["timing_repeats"], 5)))
+    log.info("factory stages against the server path, interleaved")
+    factory = factory_cost.factory_cost(default, list(frames[:60]), rounds=max(1, min(cfg["timing_repeats"], 5)))
 
     def srv(key: str) -> float:  # the server is a bigger machine; here: the faster of the two thread settings
         return min(dev[f"{key}_s_1thread"], dev[f"{key}_s_default"])
@@ -218,7 +220,7 @@ def bench(cfg: dict, out: Path, command: str) -> dict:
     targets = report.targets(rows, comparisons, default_name, dev, lat)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "command": command,
               "config": cfg, "rate_accuracy": rows, "comparisons": comparisons, "device": dev,
-              "latency": lat, "entropy_coding": ent, "targets": targets,
+              "latency": lat, "entropy_coding": ent, "factory": factory, "targets": targets,
               "seconds": time.perf_counter() - t_start}
     result["plots"] = report.plots(result, out)
     (out / "results.json").write_text(json.dumps(result, indent=1))

@@ -214,4 +214,14 @@ def markdown(r: dict) -> str:
           f"The codec's coder (`{ent['codec_entropy_coder']}`, the default since this benchmark) here produces "
           f"byte-identical payloads to `codec.encode`: {ent['coder_matches_codec_payload']}. `compressai-cached` "
           f"is the same rANS as `compressai` with the CDF tables converted to lists once instead of per call.", ""]
+    fac = r.get("factory")
+    if fac:
+        L += ["## Factory stages per frame", "",
+              f"`benchmarks/factory_cost.py`: the server path (decode + body + all heads, one frame at a time, "
+              f"{fac['threads']} thread) and the factory stages on its results, interleaved over {fac['rounds']} "
+              f"rounds of {fac['frames']} frames, medians. {fac['note']}.", "",
+              "| | ms per frame |", "|---|---:|", f"| server path | {fac['server_ms_per_frame']:.2f} |"]
+        L += [f"| {k} | {v:.3f} |" for k, v in fac["stage_ms_per_frame"].items()]
+        L += ["", f"Frame-rate cost if the stages shared the server's core: "
+              f"{100 * fac['frame_rate_cost_same_core']:.1f} % (target <= 5 %).", ""]
     return "\n".join(L) + "\n"

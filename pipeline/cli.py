@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
+
+# numpy's BLAS threads, set before numpy loads: the pipeline's numpy linear algebra is tiny (the tracker's Kalman
+# filter solves 8x8 systems per item per frame), where a BLAS thread pool costs more than it gives (track.items
+# 1.4 -> 0.65 ms per frame on this 2-core machine) and competes with the stages' torch threads (the budget)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import core.offline  # noqa: F401  (before anything imports ultralytics)
 from core.errors import UsageError

@@ -52,14 +52,14 @@ def test_quick_bench_writes_report_plots_and_json(quick_bench):
     assert len(lines) == 1, "stdout must hold only the JSON object"
     res = json.loads(lines[0])
     for key in ("date", "machine", "command", "config", "rate_accuracy", "comparisons", "device", "latency",
-                "entropy_coding", "targets", "plots"):
+                "entropy_coding", "factory", "targets", "plots"):
         assert key in res
     for name in ("report.md", "results.json", "config.yaml", "rate_box_map50_95.png", "rate_miou.png",
                  "rate_top1.png", "latency.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     for part in ("## Targets", "## Rate versus accuracy", "## Device cost", "## End-to-end latency",
-                 "## Entropy coding throughput", "bench --quick", "AMD" if "AMD" in res["machine"]["cpu"] else ""):
+                 "## Entropy coding throughput", "## Factory stages per frame", "bench --quick", "AMD" if "AMD" in res["machine"]["cpu"] else ""):
         assert part in report
 
 
@@ -92,6 +92,10 @@ def test_quick_bench_numbers_are_sane(quick_bench):
     ent = res["entropy_coding"]
     assert all(c["lossless"] for c in ent["coders"].values())
     assert ent["codec_entropy_coder"] == "constriction" and ent["coder_matches_codec_payload"]
+    fac = res["factory"]
+    assert set(fac["stage_ms_per_frame"]) == {"track", "count", "events", "mqtt", "metrics", "opcua"}
+    assert fac["server_ms_per_frame"] > 0 and all(v >= 0 for v in fac["stage_ms_per_frame"].values())
+    assert 0 <= fac["frame_rate_cost_same_core"] < 1
 
 
 def test_bad_checkpoint_is_a_usage_error(tmp_path):
