@@ -178,6 +178,7 @@ class SplitCodec(_EntropyCoding):
                                              entropy_coder)
         self.class_names = {t: model.teachers.names(t) for t in TASKS}
         self.fused = False
+        self.server_runtime = None  # codec.server_onnx.OnnxServer once attached (load_codec(runtime="auto"))
         self.station_from = "items"  # the station label: "items" (from detection + segmentation) or "head"
         self.latent_shape = (model.spec.latent_channels, self.input_size // 4, self.input_size // 4)
         self.metadata: dict = {}
@@ -201,6 +202,11 @@ class SplitCodec(_EntropyCoding):
     def decode(self, encoded: Sequence[EncodedFrame]) -> Features:
         """Entropy-decode, run the decoder and the shared body once for the batch."""
         y_hat = self.decode_latents(encoded)
+        runtime = self.server_runtime
+        if runtime is not None and runtime.covers(TASKS):  # onnxruntime: every head's raw output at once
+            features = Features({}, len(encoded))
+            features._raw.update(runtime.raw_outputs(y_hat))
+            return features
         cache = self.model.body_from_split(self.model.decoder(y_hat))
         return Features(cache, len(encoded))
 
@@ -406,9 +412,14 @@ def _coder_name(state: dict, path) -> str:
     return name
 
 
-def load_codec(path: str | Path | None = None, fuse: bool = True) -> SplitCodec:
+def load_codec(path: str | Path | None = None, fuse: bool = True, runtime: str = "torch") -> SplitCodec:
     """Load a full checkpoint (None: the shipped default), for inference (``fuse``: BatchNorms folded, see
-    :meth:`SplitCodec.fuse`). Raises CheckpointError on a foreign or broken file."""
+    :meth:`SplitCodec.fuse`). ``runtime``: where decoder, body and heads run: ``torch``; ``auto``, onnxruntime
+    when it is installed and the checkpoint's export passes its check (made and cached on first use,
+    :mod:`codec.server_onnx`), else torch; ``onnx``, onnxruntime or a CheckpointError. Raises CheckpointError
+    on a foreign or broken file."""
+    if runtime not in ("torch", "auto", "onnx"):
+        raise CodecError(f"runtime {runtime!r} must be torch, auto or onnx")
     from codec.model import SplitModel
     from codec.teachers import MultiTaskTeachers
 
@@ -428,7 +439,15 @@ def load_codec(path: str | Path | None = None, fuse: bool = True) -> SplitCodec:
     if codec.fingerprint.hex() != state["fingerprint"]:
         raise CheckpointError(f"{path}: stored fingerprint {state['fingerprint']} does not match its tables "
                               f"({codec.fingerprint.hex()}); the file is corrupt or was edited")
-    return codec.fuse() if fuse else codec
+    if fuse:
+        codec.fuse()
+    if runtime != "torch":
+        from codec.server_onnx import attach
+
+        if attach(codec, DEFAULT_CHECKPOINT if path is None else path) is None and runtime == "onnx":
+            raise CheckpointError(f"{path or DEFAULT_CHECKPOINT}: no onnxruntime server graph (see the line above); "
+                                  f"use runtime auto or torch")
+    return codec
 
 
 def load_edge(path: str | Path | None = None) -> EdgeCodec:

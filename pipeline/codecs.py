@@ -3,11 +3,14 @@
 ``checkpoint`` values: ``None`` / ``"default"`` -> the shipped model (``codec.api.load_codec(None)``); a file
 path -> ``load_codec(path)``; for the edge, a ``.onnx`` path -> ``codec.edge_onnx.OnnxEdgeCodec`` (the device
 half without PyTorch: onnxruntime + constriction); ``"random:SIZE[:SEED]"`` -> ``SplitCodec.random(input_size=SIZE, seed=SEED)``,
-a randomly initialised model **for plumbing tests only** (the demo never falls back to it).
+a randomly initialised model **for plumbing tests only** (the demo never falls back to it). A server codec runs
+its decoder, body and heads in onnxruntime (``codec.server_onnx``, exported once per checkpoint and cached beside
+it) unless ``LADON_SERVER_RUNTIME=torch`` is set.
 Edge and server stages in one process share the instance (it is cached by spec).
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -57,8 +60,9 @@ def get_codec(spec: Any = None, edge_only: bool = False):
             try:
                 if edge_only:
                     codec, kind = api.load_edge(path), "edge"
-                else:
-                    codec, kind = api.load_codec(path), "full"
+                else:  # decoder + body + heads in onnxruntime where it passes its check (2.3x), else torch
+                    runtime = os.environ.get("LADON_SERVER_RUNTIME", "auto")
+                    codec, kind = api.load_codec(path, runtime=runtime), "full"
             except FileNotFoundError as exc:
                 raise UsageError(f"{exc}. Pass --checkpoint PATH to use another model.") from exc
             except api.CodecError as exc:
