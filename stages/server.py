@@ -95,7 +95,8 @@ class ServerReceive(Source):
     def open(self, ctx) -> None:
         import numpy as np
 
-        from transport.session import CommitLog, ServerSession
+        from stages.commitlog import CommitLog
+        from transport.session import ServerSession
         super().open(ctx)
         self.codec = get_codec(self.checkpoint, edge_only=True)  # the fingerprint and latent shape suffice
         size = int(self.codec.input_size)

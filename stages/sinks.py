@@ -58,7 +58,7 @@ class JsonlSink(Stage):
         self.resume, self.commit_on = bool(resume), bool(commit)
 
     def open(self, ctx) -> None:
-        from transport.session import CommitLog
+        from stages.commitlog import CommitLog
         super().open(ctx)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
