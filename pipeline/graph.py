@@ -32,6 +32,14 @@ would need the shared body's features shipped to it, 0.59 MB and 9.2 ms of pickl
 consumer at 128 px input (x3 consumers, against about 40 ms per frame for the whole server on a 2-core box),
 so processes would cost more than they could win here. ``benchmarks/pipeline_overhead.py`` prints both
 figures. Edge and server are separate processes when run as ``edge``/``server`` commands (or machines).
+
+Completion (exactly-once replay): every message derived from a frame carries its envelope
+(:mod:`pipeline.envelope`) and, in a server, the frame's completion handle. Which stages complete frames is
+decided here from the graph when it is wired: each stage learns the committing stages downstream of it
+(``ctx.committers``; a receive stage with none acknowledges on emission). A message dropped on a full queue or
+lost by a stage's tolerated error, on its way to a committing stage, completes its handle as lost; a stage that
+fails and stops the graph abandons it (a replay frame stays unacknowledged and goes to the next server). Stages
+see the graph through ``ctx.runtime`` (:class:`pipeline.stage.GraphView`), never through its internals.
 """
 from __future__ import annotations
 
@@ -48,8 +56,9 @@ from typing import Any, Callable
 import yaml
 
 from core.errors import IncompleteInput, UsageError
-from pipeline.stage import (EndOfStream, Source, Stage, StageContext, StageStats, as_list, available_stages,
-                            create_stage, get_stage_class)
+from pipeline.envelope import meta_of
+from pipeline.stage import (EndOfStream, GraphView, Source, Stage, StageContext, StageStats, StageStatus, as_list,
+                            available_stages, create_stage, get_stage_class)
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a ${NAME} variable's name
@@ -388,6 +397,8 @@ class _Node:
         self.thread: threading.Thread | None = None
         self.failed: str | None = None
         self.opened = False
+        self.committers: tuple[Stage, ...] = ()  # committing stages downstream (GraphRunner sets them)
+        self.leads_to_commit = False  # it commits, or a stage downstream does
 
 
 def model_threads(budget: int | None, model_stages: int) -> int:
@@ -426,7 +437,6 @@ class GraphRunner:
         self.shared = shared if shared is not None else {}
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.nodes: dict[str, _Node] = {}
-        self.shared.setdefault("graph_nodes", self.nodes)
         check_contracts(spec.stages, spec.path)  # again: commands edit a parsed spec (--tasks, --pub)
         for s in spec.stages:
             stage = create_stage(s.key, **s.params)
@@ -434,8 +444,44 @@ class GraphRunner:
         for s in spec.stages:
             for i in s.inputs:
                 self.nodes[i].down.append(self.nodes[s.name])
+        # who completes frames, decided here from the graph (not from the order stages open in): a message lost at
+        # a stage that leads to a committing stage will never be committed, so its handle is completed as lost
+        for node in self.nodes.values():
+            below = self._reach(node.spec.name, up=False)
+            node.committers = tuple(st for st in (self.nodes[n].stage for n in below) if getattr(st, "commits", False))
+            node.leads_to_commit = bool(node.committers) or bool(getattr(node.stage, "commits", False))
+        self.view = _RunnerView(self)
         self.errors: list[str] = []
         self.incomplete: list[str] = []  # sources whose input ended early or had unreadable parts
+
+    def _reach(self, name: str, up: bool) -> list[str]:
+        """The stages upstream (``up``) or downstream of stage ``name``, nearest first (breadth-first)."""
+        step = ((lambda n: self.nodes[n].spec.inputs) if up else (lambda n: [d.spec.name for d in self.nodes[n].down]))
+        out, seen, todo = [], {name}, list(step(name))
+        while todo:
+            n = todo.pop(0)
+            if n in seen:
+                continue
+            seen.add(n)
+            out.append(n)
+            todo.extend(step(n))
+        return out
+
+    # ---- completion of frames the graph gives up
+    def _lose(self, node: _Node, msg: Any, reason: str) -> None:
+        """``msg`` is lost at ``node`` (dropped on its full queue, or lost by its tolerated error): when it was on
+        its way to a committing stage, its frame will never be committed: complete the handle as lost (the frame
+        is acknowledged, its credit comes back, the receive stage counts it)."""
+        meta = meta_of(msg)
+        if meta is not None and node.leads_to_commit:
+            meta.lose(f"{node.spec.name}: {reason}")
+
+    def _abandon(self, node: _Node, msg: Any, reason: str) -> None:
+        """``node`` failed (the graph stops) on ``msg`` or before reaching it: a replay frame stays unacknowledged
+        (the edge resends it to the next server), a live one is lost (see FrameMeta.abandon)."""
+        meta = meta_of(msg)
+        if meta is not None and node.leads_to_commit:
+            meta.abandon(f"{node.spec.name}: {reason}")
 
     # ---- message passing
     def _emit(self, node: _Node, msg: Any) -> None:
@@ -454,6 +500,7 @@ class GraphRunner:
                                 d.queue.put(msg)
                                 break
                             d.stats.dropped += 1
+                            self._lose(d, old, "dropped on a full queue")
                         except queue.Empty:
                             pass
             else:
@@ -509,6 +556,7 @@ class GraphRunner:
                 ended += 1
                 continue
             if node.failed is not None:
+                self._abandon(node, msg, "not processed: the stage failed")
                 continue  # drain so upstream never blocks
             t0 = time.perf_counter()
             try:
@@ -517,8 +565,10 @@ class GraphRunner:
                 if tolerate:
                     node.stats.errors += 1
                     self.log(f"[{self.spec.name}] stage {node.spec.name!r} lost one message: {type(exc).__name__}: {exc}")
+                    self._lose(node, msg, f"{type(exc).__name__}: {exc}")
                     continue
                 self._fail(node, exc)
+                self._abandon(node, msg, node.failed or "failed")
                 continue
             ms = (time.perf_counter() - t0) * 1000.0
             node.stats.processed += 1
@@ -537,7 +587,8 @@ class GraphRunner:
         for s in order:
             node = self.nodes[s.name]
             ctx = StageContext(s.name, self.spec.name, self.stop, node.stats, self.shared, self.log, list(s.inputs),
-                               emit=lambda msg, _n=node: self._emit(_n, msg))
+                               emit=lambda msg, _n=node: self._emit(_n, msg), runtime=self.view,
+                               committers=node.committers)
             try:
                 node.stage.open(ctx)
             except BaseException:
@@ -575,3 +626,40 @@ class GraphRunner:
 
     def stats(self) -> dict[str, StageStats]:
         return {n: node.stats for n, node in self.nodes.items()}
+
+
+class _RunnerView(GraphView):
+    """:class:`GraphView` of a GraphRunner: what its stages may read of it (``ctx.runtime``)."""
+
+    def __init__(self, runner: GraphRunner):
+        self._runner = runner
+
+    def _stages(self, names) -> list[Stage]:
+        return [self._runner.nodes[n].stage for n in names]
+
+    def stages(self) -> list[StageStatus]:
+        return [StageStatus(name, node.spec.key, node.stats, node.queue.qsize(), node.failed)
+                for name, node in list(self._runner.nodes.items())]
+
+    def upstream(self, name: str) -> list[Stage]:
+        return self._stages(self._runner._reach(name, up=True))
+
+    def downstream(self, name: str) -> list[Stage]:
+        return self._stages(self._runner._reach(name, up=False))
+
+    def link_status(self) -> str | None:
+        parts = [x for node in self._runner.nodes.values() if node.opened and (x := node.stage.link_status())]
+        return "; ".join(parts) or None
+
+    def edge_links(self) -> dict[int, dict[str, Any]] | None:
+        found = [x for node in self._runner.nodes.values()
+                 if node.opened and (x := node.stage.edge_links()) is not None]
+        if not found:
+            return None
+        return {sid: info for links in found for sid, info in links.items()}
+
+    def codec(self) -> Any:
+        for node in self._runner.nodes.values():
+            if node.stage.provides_codec and getattr(node.stage, "codec", None) is not None:
+                return node.stage.codec
+        return None

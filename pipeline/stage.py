@@ -12,6 +12,9 @@ A stage is a class with a registry key and three methods::
 A :class:`Source` has no inputs; it implements ``frames()`` (an iterator of messages) instead of
 ``process``. Messages are the small dataclasses below; a stage declares the types it ``accepts`` and ``emits``,
 and a graph that feeds a stage a type it does not accept is refused when it is parsed (``pipeline.graph``).
+Every message derived from a frame carries the frame's envelope as ``meta`` (:class:`FrameMeta`: identity,
+timings, run and completion handle; :mod:`pipeline.envelope`); a stage deriving a new message passes
+``msg.meta.derive()`` on. Stages learn about the rest of the graph only through their :class:`StageContext`.
 
 Stages are found through the entry-point group ``ladon.stages``: a value ``"my_pkg.module:MyStage"`` names one
 stage class (its key is the entry's name), a value without ``:Class`` names a module whose stages register
@@ -33,52 +36,55 @@ import numpy as np
 
 from core.errors import UsageError
 from core.geometry import Letterbox  # noqa: F401 - re-exported (its former home)
+from pipeline.envelope import Completion, FrameMeta, meta_of  # noqa: F401 - the messages' envelope
 
 ENTRY_POINT_GROUP = "ladon.stages"
 DISTRIBUTION = "ladon-stream"  # this project's name in its installed metadata (its entry points are the built-ins)
 
 
 # --------------------------------------------------------------------------------------------- messages
+class _Enveloped:
+    """Read-only views of a message's envelope (``self.meta``, a :class:`FrameMeta`): ``msg.stream`` and the
+    like keep working, while the envelope stays the one place these fields live."""
+    __slots__ = ()
+
+    stream = property(lambda self: self.meta.stream, doc="the edge stream the frame came from")
+    index = property(lambda self: self.meta.index, doc="the frame's index in its stream")
+    capture_ns = property(lambda self: self.meta.capture_ns, doc="wall clock (ns) when the frame was captured")
+    live = property(lambda self: self.meta.live, doc="may be dropped on a full queue (see FrameMeta)")
+    timings = property(lambda self: self.meta.timings, doc="stage name -> milliseconds")
+    sent_ns = property(lambda self: self.meta.sent_ns, doc="wall clock (ns) when the edge sent the frame")
+    received_ns = property(lambda self: self.meta.received_ns, doc="wall clock (ns) when the server received it")
+    session = property(lambda self: self.meta.session, doc="the edge run the frame belongs to, or None")
+
+
 @dataclass
-class Frame:
-    """A captured frame. ``image`` is (H, W, 3) uint8 RGB."""
-    stream: int
-    index: int
-    capture_ns: int
+class Frame(_Enveloped):
+    """A captured frame. ``image`` is (H, W, 3) uint8 RGB. Its ``meta`` starts the envelope every message
+    derived from it carries."""
+    meta: FrameMeta
     image: np.ndarray
-    live: bool = False
-    timings: dict[str, float] = field(default_factory=dict)  # stage name -> milliseconds
 
 
 @dataclass
-class Packet:
+class Packet(_Enveloped):
     """An encoded frame as it travels: one wire message (header + payload)."""
-    stream: int
-    index: int
-    capture_ns: int
+    meta: FrameMeta
     data: bytes
-    live: bool = False
     eos: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
     image: np.ndarray | None = None  # the original frame, only when edge and server share a process
     header: Any = None  # transport.wire.WireHeader once received
     payload: Any = None  # memoryview of the payload once received
-    received_ns: int = 0
 
 
 @dataclass
-class Features:
+class Features(_Enveloped):
     """The shared body's output for one frame (opaque codec object) plus what the consumers need."""
-    stream: int
-    index: int
-    capture_ns: int
-    sent_ns: int
-    received_ns: int
+    meta: FrameMeta
     wire_bytes: int
     latent_shape: tuple[int, int, int]
     letterbox: Letterbox
     features: Any
-    timings: dict[str, float] = field(default_factory=dict)
     image: np.ndarray | None = None
 
 
@@ -91,32 +97,30 @@ class TaskResult:
     error: str | None = None
     ms: float = 0.0
 
+    @property
+    def meta(self) -> FrameMeta:
+        """The envelope of the frame it answers for (its Features')."""
+        return self.source.meta
+
 
 @dataclass
-class FrameResult:
+class FrameResult(_Enveloped):
     """Everything known about one frame: what the sinks write."""
-    stream: int
-    index: int
-    capture_ns: int
-    sent_ns: int
-    received_ns: int
+    meta: FrameMeta
     done_ns: int
     wire_bytes: int
     latent_shape: tuple[int, int, int]
     size: tuple[int, int]  # original (width, height)
-    timings: dict[str, float]
     results: dict[str, Any]
     errors: dict[str, str]
     image: np.ndarray | None = None
 
 
 @dataclass
-class ResultRecord:
+class ResultRecord(_Enveloped):
     """A frame's finished JSON object (the JSONL schema), e.g. computed by a worker process (topology b)."""
-    stream: int
-    index: int
+    meta: FrameMeta
     record: dict
-    live: bool = False
 
 
 @dataclass
@@ -128,15 +132,70 @@ class EndOfStream:
 # --------------------------------------------------------------------------------------------- interface
 @dataclass
 class StageContext:
+    """What a stage gets at ``open``: its name, the graph's stop event, its counters, a logger, and the typed
+    ways it may learn about the rest of the graph (``runtime``, ``committers``): stages share no string-keyed
+    state; per-frame facts travel in the messages' envelope (:class:`FrameMeta`)."""
     name: str
     graph: str
     stop: threading.Event
     stats: "StageStats"
-    shared: dict[str, Any]  # objects shared by the stages of one process (e.g. the codec)
+    #: free-form objects for third-party stages that agree on a key among themselves; the built-in stages use
+    #: none (kept so that plugins written against it keep working)
+    shared: dict[str, Any]
     log: Callable[[str], None]
     inputs: list[str] = field(default_factory=list)
     #: send a message downstream from any thread (for stages whose results arrive asynchronously)
     emit: Callable[[Any], None] | None = None
+    #: the running graph as stages may see it (status lines, metrics, the codec); None outside a GraphRunner
+    runtime: "GraphView | None" = None
+    #: the stages downstream of this one that commit frames (``Stage.commits``), decided from the graph when it
+    #: is wired: a receive stage acknowledges a frame once all of them wrote it, or on emission when there is none
+    committers: tuple["Stage", ...] = ()
+
+    def codec(self) -> Any:
+        """The codec a stage of this graph loaded (its class names label results), or None."""
+        return self.runtime.codec() if self.runtime is not None else None
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    """One stage of a running graph, as status lines and metrics read it."""
+    name: str
+    key: str
+    stats: "StageStats"
+    queue_depth: int  # messages waiting at its input (0 for a source)
+    failed: str | None  # why it failed, or None
+
+
+class GraphView:
+    """The public, read-only view of a running graph that its stages get as ``ctx.runtime`` (instead of the
+    runtime's internals): stage counters, link status, the edges connected, the loaded codec, and the stages up-
+    or downstream of a stage (e.g. the sender whose server says which frames are committed)."""
+
+    def stages(self) -> list[StageStatus]:
+        """Every stage's counters, queue depth and failure, in graph order."""
+        raise NotImplementedError
+
+    def upstream(self, name: str) -> list["Stage"]:
+        """The stages feeding stage ``name``, directly or not (nearest first)."""
+        raise NotImplementedError
+
+    def downstream(self, name: str) -> list["Stage"]:
+        """The stages stage ``name`` feeds, directly or not (nearest first)."""
+        raise NotImplementedError
+
+    def link_status(self) -> str | None:
+        """One line on the graph's network links (its stages' ``link_status()``), or None without links."""
+        raise NotImplementedError
+
+    def edge_links(self) -> dict[int, dict[str, Any]] | None:
+        """The edge streams this graph receives (its stages' ``edge_links()``: {stream: {connected, mode, peer}}),
+        or None when no stage receives edges."""
+        raise NotImplementedError
+
+    def codec(self) -> Any:
+        """The codec loaded by a stage that ``provides_codec`` (the decode stage), or None."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -159,6 +218,11 @@ class Stage:
     runs_model: ClassVar[bool] = False
     #: when True the runtime calls process(msg) under a try: a raising call loses that message only
     tolerate_errors: ClassVar[bool] = False
+    #: completes frames: calls ``msg.meta.commit()`` once a frame is durably written (the JSONL sink). May be
+    #: set per instance. A receive stage upstream then acknowledges a frame only after every committer wrote it
+    commits: bool = False
+    #: its ``codec`` attribute is the graph's codec (``ctx.codec()``: class names for results and drawings)
+    provides_codec: ClassVar[bool] = False
 
     ctx: StageContext
 
@@ -169,6 +233,19 @@ class Stage:
         raise NotImplementedError
 
     def close(self) -> Any:
+        return None
+
+    def journal(self) -> Any:
+        """A committing stage's durable record of the frames it finished (a ``transport.runs.RunLedger``, e.g.
+        the JSONL sink's CommitLog): the receive stage upstream resumes from it after a restart. None: none."""
+        return None
+
+    def link_status(self) -> str | None:
+        """One line on this stage's network link (console status), or None when it holds none."""
+        return None
+
+    def edge_links(self) -> dict[int, dict[str, Any]] | None:
+        """The edge streams this stage receives, {stream: {connected, mode, peer}}, or None when it receives none."""
         return None
 
 

@@ -40,7 +40,7 @@ class Consumer(Stage):
 
     def _codec(self):
         if self.codec is None:
-            self.codec = self.ctx.shared.get("codec") if self.checkpoint is None else None
+            self.codec = self.ctx.codec() if self.checkpoint is None else None
             if self.codec is None:
                 self.codec = get_codec(self.checkpoint)
         return self.codec
@@ -113,7 +113,8 @@ class MergeResults(Stage):
         if len(got) < self.n:
             return None
         del self.pending[k]
-        timings = dict(f.timings)
+        meta = f.meta.derive()
+        timings = meta.timings
         results, errors = {}, {}
         for m in got:
             if isinstance(m, TaskResult):
@@ -123,8 +124,8 @@ class MergeResults(Stage):
                 else:
                     results[m.task] = m.result
         lb = f.letterbox
-        return FrameResult(f.stream, f.index, f.capture_ns, f.sent_ns, f.received_ns, time.time_ns(), f.wire_bytes,
-                           f.latent_shape, (lb.orig_w, lb.orig_h), timings, results, errors, f.image)
+        return FrameResult(meta, time.time_ns(), f.wire_bytes, f.latent_shape, (lb.orig_w, lb.orig_h), results, errors,
+                           f.image)
 
     def close(self):
         if getattr(self, "pending", None):

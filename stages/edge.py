@@ -32,10 +32,18 @@ class EdgeEncode(Stage):
         super().open(ctx)
         self.codec = get_codec(self.checkpoint, edge_only=True)
         self.size = int(self.codec.input_size)
+        # the senders downstream that know where their server stands (EdgeSend.resume_at): frames every one of
+        # them would skip as already committed are not encoded either
+        rt = ctx.runtime
+        self.senders = [s for s in (rt.downstream(ctx.name) if rt is not None else [])
+                        if callable(getattr(s, "resume_at", None))]
+
+    def _committed(self, f: Frame) -> bool:
+        """Whether every sender downstream says the server committed this replay frame in an earlier run."""
+        return not f.live and bool(self.senders) and all(f.index < s.resume_at(f.stream) for s in self.senders)
 
     def process(self, f: Frame) -> Packet | None:
-        resume_at = self.ctx.shared.get("resume_at")
-        if not f.live and resume_at is not None and f.index < resume_at(f.stream):
+        if self._committed(f):
             return None  # committed by the server in an earlier run of this edge: not encoded again
         t0 = time.perf_counter()
         h, w = f.image.shape[:2]
@@ -47,9 +55,7 @@ class EdgeEncode(Stage):
         header = wire.WireHeader(f.stream, f.index, f.capture_ns, time.time_ns(), self.codec.fingerprint,
                                  tuple(enc.latent_shape), (w, h), edge_us, wire.FLAG_LIVE if f.live else 0)
         data = wire.pack(header, enc.payload)
-        timings = dict(f.timings)
-        return Packet(f.stream, f.index, f.capture_ns, data, f.live, timings=timings,
-                      image=f.image if self.keep_image else None)
+        return Packet(f.meta.derive(), data, image=f.image if self.keep_image else None)
 
 
 def source_identity(stage) -> str | None:
@@ -97,8 +103,8 @@ class EdgeSend(Stage):
 
     ``resume`` (replay): the hello names the source (:func:`source_identity` of the graph's source for that
     stream), so that after an edge restart the server continues the unfinished run: the frames it already
-    committed are skipped here (``skipped`` in the summary), the rest delivered once. ``ctx.shared["resume_at"]
-    (stream)`` says where the server stands, for a stage upstream that can skip the work for those frames.
+    committed are skipped here (``skipped`` in the summary), the rest delivered once. :meth:`resume_at` says
+    where the server stands, for a stage upstream that can skip the work for those frames (edge.encode does).
     ``resume: false``: every edge start is a new run."""
     key = "edge.send"
     accepts = (Packet,)
@@ -130,8 +136,9 @@ class EdgeSend(Stage):
         super().open(ctx)
         self.clients: dict = {}
         self.counts: dict[int, int] = {}
-        ctx.shared["link_status"] = self.status
-        ctx.shared["resume_at"] = self.resume_at
+
+    def link_status(self) -> str | None:
+        return self.status()
 
     def status(self) -> str:
         return "; ".join(c.status() for c in list(getattr(self, "clients", {}).values())) or "no frame sent yet"
@@ -145,21 +152,13 @@ class EdgeSend(Stage):
     def _source_id(self, stream: int) -> str | None:
         """The identity of the replay source feeding ``stream`` (the graph's Source stages upstream of this one
         whose stream id matches: exactly one, else None)."""
-        nodes = self.ctx.shared.get("graph_nodes") or {}
-        todo, seen, found = list(self.ctx.inputs), set(), []
-        while todo:
-            name = todo.pop()
-            if name in seen or name not in nodes:
-                continue
-            seen.add(name)
-            node = nodes[name]
-            stage = getattr(node, "stage", None)
+        rt = self.ctx.runtime
+        found = []
+        for stage in (rt.upstream(self.ctx.name) if rt is not None else []):
             if isinstance(stage, Source):
                 inner = getattr(stage, "inner", stage)
                 if int(getattr(inner, "stream", getattr(stage, "stream", -1))) == stream:
                     found.append(stage)
-            else:
-                todo.extend(getattr(getattr(node, "spec", None), "inputs", None) or ())
         return source_identity(found[0]) if len(found) == 1 else None
 
     def _client(self, p: Packet):

@@ -6,6 +6,7 @@ import time
 from typing import Iterator
 
 from pipeline.codecs import get_codec
+from pipeline.envelope import Completion, FrameMeta
 from pipeline.stage import Features, FrameResult, Packet, Source, Stage, register_stage
 from core.geometry import letterbox_params
 from transport import wire
@@ -28,11 +29,14 @@ class ServerReceive(Source):
     """Receive frames over ZeroMQ ROUTER (transport.session): wire checks, model fingerprint and latent shape,
     replay/duplicate checks, credits; emit Packets in arrival order (each stream in order).
 
-    Refused messages are counted per kind and each kind logged once with its sender. A frame is acknowledged
-    when finished: its JSONL line written (the sink's CommitLog), or on emission when the graph has no JSONL
-    sink. ``exit_on_eos``: end once every stream has sent end-of-stream and all its frames are finished
-    (on SIGINT/SIGTERM it still waits up to ``drain_s``); otherwise run until stopped. tcp:// needs the server
-    key pair (``secret_key``) and a folder of allowed edge public keys (``allowed_keys``) unless ``insecure``.
+    Refused messages are counted per kind and each kind logged once with its sender. Each Packet carries its
+    frame's completion handle (``meta.completion``), bound to this session's acknowledgements: a frame is
+    acknowledged when finished, i.e. written by every committing stage downstream (the JSONL sink, whose journal
+    this session then resumes from), or lost on the way (counted as ``lost``); on emission when no stage
+    downstream commits (decided from the graph when it is wired). ``exit_on_eos``: end once every stream has
+    sent end-of-stream and all its frames are finished (on SIGINT/SIGTERM it still waits up to ``drain_s``);
+    otherwise run until stopped. tcp:// needs the server key pair (``secret_key``) and a folder of allowed edge
+    public keys (``allowed_keys``) unless ``insecure``.
 
     Limits (transport.session.ServerSession): ``max_payload`` bytes per frame, ``max_frame_side`` pixels for the
     original frame's width and height a frame may declare (default 4096: the video sink and the result mapping
@@ -95,28 +99,53 @@ class ServerReceive(Source):
     def open(self, ctx) -> None:
         import numpy as np
 
-        from transport.session import CommitLog, ServerSession
+        from transport.runs import RunLedger
+        from transport.session import ServerSession
         super().open(ctx)
         self.codec = get_codec(self.checkpoint, edge_only=True)  # the fingerprint and latent shape suffice
         size = int(self.codec.input_size)
         self.latent_shape = tuple(self.codec.encode(np.zeros((1, size, size, 3), np.uint8))[0].latent_shape)
-        self.auto_commit = "commit" not in ctx.shared
-        self.commit = ctx.shared.setdefault("commit", CommitLog())
+        # who finishes frames comes from the graph's wiring (ctx.committers), not from which stage opened first
+        self.committers = len(ctx.committers)
+        self.auto_commit = self.committers == 0
+        journals = [j for j in (s.journal() for s in ctx.committers) if j is not None]
+        self.commit = journals[0] if journals else RunLedger()
+        self.lost = 0
         self.session = ServerSession(self.endpoint, self.codec.fingerprint, self.latent_shape, self.commit,
                                      security=self.security, window=self.window, max_payload=self.max_payload,
                                      live_window=self.live_window,
                                      log=ctx.log, bind=self.bind, name=ctx.name,
                                      max_frame_side=self.max_frame_side, owner_timeout_s=self.owner_timeout_s,
                                      **self.limits)
-        ctx.shared["server_endpoint"] = self.session.endpoint
-        ctx.shared["link_status"] = self.session.status
         self.refused = self.session.refused
+
+    def link_status(self) -> str | None:
+        ses = getattr(self, "session", None)
+        return ses.status() if ses is not None else None
+
+    def edge_links(self) -> dict[int, dict] | None:
+        """{stream: {connected, mode, peer}} of the edge streams this session holds (linestate, the web view)."""
+        ses = getattr(self, "session", None)
+        if ses is None:
+            return None
+        return {st.stream: {"connected": bool(st.connected) and not bool(st.bye), "mode": str(st.mode),
+                            "peer": str(st.sender)} for st in list(ses.streams.values())}
+
+    def _completion(self, stream: int, index: int, live: bool) -> Completion:
+        """The handle of one received frame: finishing it queues the frame's ack on this session's ledger."""
+        def ack(lost: bool) -> None:
+            if lost:
+                self.lost += 1
+            self.commit.done(stream, index)
+
+        return Completion(ack, needed=self.committers, resend=not live)
 
     def _stats(self) -> None:
         ex = self.ctx.stats.extra
         ex["refused"] = dict(self.session.refused)
         ex["bytes"] = self.session.bytes
         ex["reclaimed"] = self.session.reclaimed
+        ex["lost"] = self.lost
         self.ctx.stats.errors = sum(self.session.refused.values())
 
     def frames(self) -> Iterator[Packet]:
@@ -154,12 +183,16 @@ class ServerReceive(Source):
                 if stop_at is not None and not self.exit_on_eos:
                     continue  # stopping: take nothing new (the edge resends it to the next server)
                 total += 1
-                yield Packet(header.stream_id, header.frame_index, header.capture_ns, data, False, header=header,
-                             payload=payload, received_ns=rx,
-                             timings={"edge": header.edge_us / 1000.0,
-                                      "link": max(0.0, (rx - header.sent_ns) / 1e6)})
+                s, i = header.stream_id, header.frame_index
+                # not ``live`` inside the graph: the credit window is this server's back-pressure, a received frame
+                # is never dropped on a full queue here
+                meta = FrameMeta(s, i, header.capture_ns, False,
+                                 {"edge": header.edge_us / 1000.0, "link": max(0.0, (rx - header.sent_ns) / 1e6)},
+                                 sent_ns=header.sent_ns, received_ns=rx, session=self.commit.session_of(s, i),
+                                 completion=self._completion(s, i, header.live))
+                yield Packet(meta, data, header=header, payload=payload)
                 if self.auto_commit:
-                    self.commit.done(header.stream_id, header.frame_index)
+                    meta.commit()
             ses.flush_acks()
             if self.exit_on_eos and ses.all_done():
                 # every stream ended and is finished: stay until each edge says it has its last acks (a lost
@@ -195,9 +228,9 @@ class RecordHeader(Stage):
 
     def process(self, p: Packet):
         h = p.header if p.header is not None else wire.unpack(p.data)[0]
-        return FrameResult(p.stream, p.index, p.capture_ns, h.sent_ns, p.received_ns or time.time_ns(),
-                           time.time_ns(), len(p.data), tuple(h.latent_shape), tuple(h.orig_size), dict(p.timings),
-                           {}, {}, p.image)
+        meta = p.meta.derive(sent_ns=h.sent_ns, received_ns=p.received_ns or time.time_ns())
+        return FrameResult(meta, time.time_ns(), len(p.data), tuple(h.latent_shape), tuple(h.orig_size), {}, {},
+                           p.image)
 
 
 @register_stage
@@ -226,6 +259,7 @@ class ServerDecode(Stage):
     accepts = (Packet,)
     emits = (Features,)
     runs_model = True
+    provides_codec = True  # ctx.codec() of the graph's other stages: the class names of its results
 
     def __init__(self, checkpoint=None):
         self.checkpoint = checkpoint
@@ -233,7 +267,6 @@ class ServerDecode(Stage):
     def open(self, ctx) -> None:
         super().open(ctx)
         self.codec = get_codec(self.checkpoint)
-        ctx.shared["codec"] = self.codec
         self._lb: dict[tuple[int, int], object] = {}
 
     def process(self, p: Packet):
@@ -245,13 +278,11 @@ class ServerDecode(Stage):
         except CodecError as exc:
             self.ctx.stats.errors += 1
             self.ctx.log(f"[{self.ctx.name}] stream {p.stream} frame {p.index}: cannot decode: {exc}")
-            commit = self.ctx.shared.get("commit")
-            if commit is not None:  # finished (without a result): acknowledged, not resent forever
-                commit.done(p.stream, p.index)
+            p.meta.lose(f"cannot decode: {exc}")  # finished without a result: acknowledged, not resent forever
             return None
         key = h.orig_size
         lb = self._lb.get(key)
         if lb is None:
             lb = self._lb[key] = letterbox_params(h.orig_size[0], h.orig_size[1], self.codec.input_size)
-        return Features(p.stream, p.index, p.capture_ns, h.sent_ns, p.received_ns or time.time_ns(), len(p.data),
-                        tuple(h.latent_shape), lb, feats, dict(p.timings), p.image)
+        meta = p.meta.derive(sent_ns=h.sent_ns, received_ns=p.received_ns or time.time_ns())
+        return Features(meta, len(p.data), tuple(h.latent_shape), lb, feats, p.image)

@@ -15,16 +15,16 @@ from core.errors import UsageError
 from pipeline.stage import FrameResult, ResultRecord, Stage, register_stage
 
 
-def _names(shared: dict, task: str) -> list[str]:
-    codec = shared.get("codec")
-    return list(getattr(codec, "class_names", {}).get(task, [])) if codec is not None else []
+def _names(codec, task: str) -> list[str]:
+    """The class names ``codec`` (any object with a ``class_names`` mapping, or None) gives ``task``."""
+    names = getattr(codec, "class_names", None)
+    return list(names.get(task, [])) if isinstance(names, dict) else []
 
 
-def frame_to_json(fr: FrameResult, shared: dict | None = None) -> dict:
+def frame_to_json(fr: FrameResult, codec=None) -> dict:
     """A frame's JSONL record: the frame's own fields, then one field per task (its ``to_json`` hook in
     :mod:`codec.tasks`, in registry order; results of unregistered tasks pass through when JSON-able), then
-    ``errors``."""
-    shared = shared or {}
+    ``errors``. ``codec``: whose ``class_names`` label the results (``ctx.codec()``; None: ids only)."""
     lat = {k: round(float(v), 3) for k, v in fr.timings.items()}
     lat["total"] = round((fr.done_ns - fr.capture_ns) / 1e6, 3) if fr.capture_ns else None
     obj = {"stream": fr.stream, "frame": fr.index,
@@ -35,7 +35,7 @@ def frame_to_json(fr: FrameResult, shared: dict | None = None) -> dict:
     for name in TASKS:
         result = fr.results.get(name)
         if result is not None and name not in obj:
-            obj[name] = get_task(name).json_value(result, _names(shared, name))
+            obj[name] = get_task(name).json_value(result, _names(codec, name))
     for name, result in fr.results.items():  # tasks nobody registered (plugin consumers): pass through
         if name not in obj and name not in TASKS:
             obj[name] = plain_json(result)
@@ -47,22 +47,36 @@ def frame_to_json(fr: FrameResult, shared: dict | None = None) -> dict:
 class JsonlSink(Stage):
     """One JSON object per frame, one line each, flushed per line (the file is valid at every line end).
 
-    It is the server's commit point: a frame is acknowledged to its edge once its line is written.
-    ``resume: true``: a restarted server appends and skips what the file already holds for the same edge
-    session (``PATH.state.json`` beside it); otherwise the file starts empty."""
+    It is the server's commit point (``commit: true``, the default: it ``commits``): a frame's completion
+    handle is committed once its line is written and flushed, and the receive stage acknowledges the frame to
+    its edge then. Its :class:`stages.commitlog.CommitLog` (:meth:`journal`) is what the receive stage resumes
+    from: ``resume: true``: a restarted server appends and skips what the file already holds for the same edge
+    session (``PATH.state.json`` beside it); otherwise the file starts empty. Each row names its edge run
+    (``session``, from the frame's envelope) when the frame came from an edge."""
     key = "sink.jsonl"
     accepts = (FrameResult, ResultRecord)
 
     def __init__(self, path: str = "out/results.jsonl", resume: bool = False, commit: bool = True):
         self.path = Path(path)
-        self.resume, self.commit_on = bool(resume), bool(commit)
+        self.resume, self.commits = bool(resume), bool(commit)
+        self.log = None
+
+    def journal(self):
+        """This sink's CommitLog, created on first use (by the receive stage or by :meth:`open`, whichever
+        comes first): it reads back an earlier run's rows and state when ``resume``."""
+        if self.log is None:
+            from stages.commitlog import CommitLog
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.log = CommitLog(self.path, resume=self.resume)
+            except OSError as exc:
+                raise UsageError(f"cannot write {str(self.path)!r}: {exc}") from exc
+        return self.log
 
     def open(self, ctx) -> None:
-        from transport.session import CommitLog
         super().open(ctx)
+        self.journal()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.log = CommitLog(self.path, resume=self.resume)
             if self.log.resumable:
                 ctx.log(f"[{ctx.name}] resuming {self.path}: "
                         + ", ".join(f"stream {s} done up to frame {i}" for s, i in self.log.finished.items()))
@@ -73,22 +87,18 @@ class JsonlSink(Stage):
                     self.log.state_path.unlink()
         except OSError as exc:
             raise UsageError(f"cannot write {str(self.path)!r}: {exc}") from exc
-        if self.commit_on:  # this sink's written lines are what the server acknowledges to the edges
-            ctx.shared.setdefault("commit", self.log)
 
     def process(self, fr):
-        obj = fr.record if isinstance(fr, ResultRecord) else frame_to_json(fr, self.ctx.shared)
-        session_of = getattr(self.ctx.shared.get("commit"), "session_of", None)
-        if session_of is not None and "session" not in obj:  # the edge run this row belongs to
-            run = session_of(int(obj["stream"]), int(obj["frame"]))
-            if run is not None:
-                obj = {"stream": obj["stream"], "frame": obj["frame"], "session": run, **obj}
+        obj = fr.record if isinstance(fr, ResultRecord) else frame_to_json(fr, self.ctx.codec())
+        run = fr.meta.session
+        if run is not None and "session" not in obj:  # the edge run this row belongs to
+            obj = {"stream": obj["stream"], "frame": obj["frame"], "session": run, **obj}
         line = json.dumps(obj, separators=(",", ":")) + "\n"
         self.fh.write(line)
         self.fh.flush()
         self.log.wrote(len(line.encode("utf-8")))
-        if self.ctx.shared.get("commit") is self.log:
-            self.log.done(int(obj["stream"]), int(obj["frame"]))
+        if self.commits:  # durably written: this frame may be acknowledged (once every committer wrote it)
+            fr.meta.commit()
 
     def close(self):
         fh = getattr(self, "fh", None)
@@ -96,16 +106,16 @@ class JsonlSink(Stage):
             fh.close()
 
 
-def annotate(image: np.ndarray, fr: FrameResult, shared: dict | None = None, alpha: float = 0.4) -> np.ndarray:
+def annotate(image: np.ndarray, fr: FrameResult, codec=None, alpha: float = 0.4) -> np.ndarray:
     """Draw every task's result with its ``draw`` hook (:mod:`codec.tasks`, in ``draw_order``: the segmentation
-    overlay, boxes, the station label), then the names of the tasks that failed on this frame."""
+    overlay, boxes, the station label), then the names of the tasks that failed on this frame. ``codec``: whose
+    ``class_names`` label the drawing (``ctx.codec()``; None: ids only)."""
     import cv2
-    shared = shared or {}
     out = np.ascontiguousarray(image.copy())
     for task in sorted((get_task(name) for name in TASKS), key=lambda t: t.draw_order):
         result = fr.results.get(task.name)
         if result is not None and task.draw is not None:
-            task.draw(out, result, _names(shared, task.name), alpha)
+            task.draw(out, result, _names(codec, task.name), alpha)
     if fr.errors:
         cv2.putText(out, "err: " + ",".join(fr.errors), (2, out.shape[0] - 4), cv2.FONT_HERSHEY_PLAIN, 0.8,
                     (255, 0, 0), 1)
@@ -190,7 +200,7 @@ class VideoSink(Stage):
             self._open_container(w, h)
         img = fr.image if fr.image is not None else (self.reader.get(fr.index, (w, h)) if self.reader
                                                       else np.full((h, w, 3), 64, np.uint8))
-        img = annotate(img, fr, self.ctx.shared)
+        img = annotate(img, fr, self.ctx.codec())
         if (w, h) != self.size or img.shape[1] != self.vs.width or img.shape[0] != self.vs.height:
             import cv2
             img = cv2.resize(img, (self.vs.width, self.vs.height))
@@ -232,7 +242,7 @@ class ZmqPubSink(Stage):
             raise UsageError(f"sink.zmq_pub cannot bind {self.endpoint!r}: {exc}") from exc
 
     def process(self, fr):
-        obj = fr.record if isinstance(fr, ResultRecord) else frame_to_json(fr, self.ctx.shared)
+        obj = fr.record if isinstance(fr, ResultRecord) else frame_to_json(fr, self.ctx.codec())
         self.sock.send_multipart([self.topic, json.dumps(obj).encode()])
 
     def close(self):
@@ -263,12 +273,13 @@ class ConsoleSink(Stage):
     def line(self) -> str:
         now = time.monotonic()
         fps = self.n_win / max(now - self.last, 1e-9)
-        nodes = self.ctx.shared.get("graph_nodes", {})
-        drops = sum(n.stats.dropped for n in nodes.values())
-        errs = sum(n.stats.errors for n in nodes.values())
+        rt = self.ctx.runtime
+        stages = rt.stages() if rt is not None else []
+        drops = sum(s.stats.dropped for s in stages)
+        errs = sum(s.stats.errors for s in stages)
         lat = " ".join(f"{k} {v / max(self.n_win, 1):.1f}" for k, v in self.lat.items())
-        link = self.ctx.shared.get("link_status")
-        link = f"  [{link()}]" if callable(link) else ""
+        link = rt.link_status() if rt is not None else None
+        link = f"  [{link}]" if link else ""
         return (f"frames {self.n}  {fps:5.1f} fps  {self.bytes / max(self.n, 1) / 1000:.2f} kB/frame  "
                 f"ms: {lat}{self.counts_text()}  drops {drops}  errors {errs}{link}")
 

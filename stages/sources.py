@@ -21,7 +21,7 @@ import av
 import numpy as np
 
 from core.errors import IncompleteInput, UsageError
-from pipeline.stage import Frame, Source, register_stage
+from pipeline.stage import Frame, FrameMeta, Source, register_stage
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "udp://", "tcp://", "http://", "https://", "srt://", "rtp://")
@@ -61,7 +61,7 @@ class _Base(Source):
         self.count = 0
 
     def _frame(self, image: np.ndarray) -> Frame:
-        f = Frame(self.stream, self.count, time.time_ns(), image, live=self.live)
+        f = Frame(FrameMeta(self.stream, self.count, time.time_ns(), live=self.live), image)
         self.count += 1
         return f
 

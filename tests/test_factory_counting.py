@@ -12,7 +12,7 @@ import pytest
 from conveyor.classes import ITEM_NAMES
 from conveyor.line import ConveyorLine, LineConfig
 from core.errors import UsageError
-from pipeline.stage import FrameResult, StageContext, StageStats, create_stage
+from pipeline.stage import FrameMeta, FrameResult, StageContext, StageStats, create_stage
 from stages.factory.counting import LineCounter, station_band
 from stages.factory.tracking import ItemTracker
 from stages.factory.truth import IdentifiedLine, detections_from_truth, true_crossings
@@ -148,7 +148,7 @@ def test_counter_rules_flicker_jitter_and_fragments():
 
 
 def _frame(index: int, det: dict, size=(128, 128)) -> FrameResult:
-    return FrameResult(0, index, 1_000_000_000 + index * 66_666_667, 0, 0, 0, 900, (24, 32, 32), size, {},
+    return FrameResult(FrameMeta(0, index, 1_000_000_000 + index * 66_666_667), 0, 900, (24, 32, 32), size,
                        {"detection": det}, {})
 
 

@@ -14,7 +14,7 @@ from conveyor.classes import ITEM_NAMES
 from conveyor.line import LineConfig
 from core.errors import UsageError
 from pipeline.graph import GraphRunner, parse_graph
-from pipeline.stage import FrameResult, Source, create_stage, register_stage
+from pipeline.stage import FrameMeta, FrameResult, Source, create_stage, register_stage
 from stages.factory.truth import IdentifiedLine, detections_from_truth
 
 N = 150
@@ -33,8 +33,9 @@ class TruthFrames(Source):
         rng = np.random.default_rng(0)
         for tf in IdentifiedLine(LineConfig(size=128, seed=3, belt_speed=1.0)).frames(self.n):
             now = time.time_ns()
-            yield FrameResult(0, tf.frame.index, now - 40_000_000, now - 30_000_000, now - 20_000_000, now, 900,
-                              (24, 32, 32), (128, 128), {"decode": 12.0, "detection": 8.0},
+            meta = FrameMeta(0, tf.frame.index, now - 40_000_000, timings={"decode": 12.0, "detection": 8.0},
+                             sent_ns=now - 30_000_000, received_ns=now - 20_000_000)
+            yield FrameResult(meta, now, 900, (24, 32, 32), (128, 128),
                               {"detection": detections_from_truth(tf, rng, drop=0.05)}, {})
         while not self.gate.wait(0.05) and not self.ctx.stop.is_set():
             pass

@@ -17,7 +17,7 @@ import pytest
 from conveyor.classes import ITEM_NAMES
 from conveyor.line import LineConfig
 from core.errors import UsageError
-from pipeline.stage import FrameResult, StageContext, StageStats, create_stage
+from pipeline.stage import FrameMeta, FrameResult, StageContext, StageStats, create_stage
 from stages.factory.truth import IdentifiedLine, detections_from_truth
 
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None)
@@ -108,7 +108,7 @@ def replayed_frames(n: int = 120) -> list[FrameResult]:
     rng = np.random.default_rng(0)
     out = []
     for tf in IdentifiedLine(LineConfig(size=128, seed=3, belt_speed=1.0)).frames(n):
-        fr = FrameResult(0, tf.frame.index, 0, 0, 0, 0, 800, (24, 32, 32), (128, 128), {},
+        fr = FrameResult(FrameMeta(0, tf.frame.index), 0, 800, (24, 32, 32), (128, 128),
                          {"detection": detections_from_truth(tf, rng)}, {})
         for s in stages:
             fr = s.process(fr)
@@ -218,7 +218,7 @@ def test_bounded_buffer_drops_oldest_and_counts_while_no_broker():
     try:
         for i in range(20):
             ev = {"id": f"x:{i}", "type": "item.new"}
-            sink.process(FrameResult(0, i, 0, 0, 0, 0, 1, (1, 1, 1), (8, 8), {}, {"events": [ev]}, {}))
+            sink.process(FrameResult(FrameMeta(0, i), 0, 1, (1, 1, 1), (8, 8), {"events": [ev]}, {}))
         assert sink.dropped == 15 and sink.ctx.stats.dropped == 15
         assert [json.loads(p)["id"] for _, p in sink.events] == [f"x:{i}" for i in range(15, 20)]
         assert any("buffer full (5)" in line for line in logs)

@@ -20,7 +20,7 @@ from conveyor.classes import ITEM_NAMES
 from conveyor.line import LineConfig
 from core.errors import UsageError
 from pipeline.graph import GraphRunner, parse_graph
-from pipeline.stage import FrameResult, Source, create_stage, register_stage
+from pipeline.stage import FrameMeta, FrameResult, Source, create_stage, register_stage
 from stages.factory import opcua_sink  # noqa: F401  (registers sink.opcua)
 from stages.factory.truth import IdentifiedLine, detections_from_truth
 
@@ -55,8 +55,9 @@ class GatedTruthFrames(Source):
     @staticmethod
     def _frame(index: int, det: dict) -> FrameResult:
         now = time.time_ns()
-        return FrameResult(0, index, now - 40_000_000, now - 30_000_000, now - 20_000_000, now, 900, (24, 32, 32),
-                           (128, 128), {"decode": 12.0}, {"detection": det}, {})
+        meta = FrameMeta(0, index, now - 40_000_000, timings={"decode": 12.0}, sent_ns=now - 30_000_000,
+                         received_ns=now - 20_000_000)
+        return FrameResult(meta, now, 900, (24, 32, 32), (128, 128), {"detection": det}, {})
 
 
 def rows(path: Path) -> list[dict]:
@@ -295,7 +296,8 @@ def test_encrypted_endpoint_with_a_certificate(tmp_path):
         now = time.time_ns()
         counts = {"total": 3, "by_class": {"bag": 3}, "items_per_min": 6.0,
                   "counted": [{"id": 7, "class": 8, "name": "bag", "score": 0.9, "frame": 4, "crossing_frame": 4}]}
-        stage.process(FrameResult(0, 4, now, now, now, now, 100, (24, 32, 32), (128, 128), {}, {"counts": counts}, {}))
+        stage.process(FrameResult(FrameMeta(0, 4, now, sent_ns=now, received_ns=now), now, 100, (24, 32, 32),
+                                  (128, 128), {"counts": counts}, {}))
         stage.ua.flush()
 
         secure = Client(stage.url, timeout=10)

@@ -24,7 +24,7 @@ from conveyor.classes import ITEM_NAMES
 from conveyor.line import LineConfig
 from core.errors import UsageError
 from pipeline.graph import GraphRunner, parse_graph
-from pipeline.stage import Frame, FrameResult, Source, create_stage, register_stage
+from pipeline.stage import Frame, FrameMeta, FrameResult, Source, create_stage, register_stage
 from stages.factory import webview  # noqa: F401  (registers sink.view)
 from stages.factory.truth import IdentifiedLine, detections_from_truth
 
@@ -50,7 +50,7 @@ class LinePixels(_Gated):
 
     def frames(self):
         for tf in IdentifiedLine(LineConfig(**LINE)).frames(N):
-            yield Frame(0, tf.frame.index, time.time_ns(), tf.frame.image)
+            yield Frame(FrameMeta(0, tf.frame.index, time.time_ns()), tf.frame.image)
         self._wait()
 
 
@@ -64,8 +64,9 @@ class LineResults(_Gated):
         rng = np.random.default_rng(0)
         for tf in IdentifiedLine(LineConfig(**LINE)).frames(N):
             now = time.time_ns()
-            yield FrameResult(0, tf.frame.index, now - 40_000_000, now - 30_000_000, now - 20_000_000, now, 900,
-                              (24, 64, 64), (256, 256), {"decode": 12.0},
+            meta = FrameMeta(0, tf.frame.index, now - 40_000_000, timings={"decode": 12.0}, sent_ns=now - 30_000_000,
+                             received_ns=now - 20_000_000)
+            yield FrameResult(meta, now, 900, (24, 64, 64), (256, 256),
                               {"detection": detections_from_truth(tf, rng, drop=0.05)}, {})
         self._wait()
 
@@ -199,7 +200,8 @@ def test_frames_re_read_from_the_replayed_file(tmp_path):
     try:
         for i in range(5):
             now = time.time_ns()
-            stage.process(FrameResult(0, i, now, now, now, now, 100, (24, 32, 32), (128, 128), {}, {}, {}))
+            stage.process(FrameResult(FrameMeta(0, i, now, sent_ns=now, received_ns=now), now, 100, (24, 32, 32),
+                                      (128, 128), {}, {}))
         snap = cv2.cvtColor(cv2.imdecode(np.frombuffer(get(f"http://127.0.0.1:{stage.bound_port}/snapshot/0.jpg"),
                                                        np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
         assert np.abs(snap.astype(int) - frames[4].image.astype(int)).mean() < 6  # H.264 + JPEG, no boxes

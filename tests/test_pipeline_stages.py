@@ -10,7 +10,7 @@ import zmq
 
 from core.errors import UsageError
 from core.geometry import Letterbox
-from pipeline.stage import Features, FrameResult, StageContext, StageStats, TaskResult, create_stage
+from pipeline.stage import Features, FrameMeta, FrameResult, StageContext, StageStats, TaskResult, create_stage
 from stages.sources import CameraSource, ImageFolderSource, NetworkStreamSource, VideoFileSource, source_for
 
 
@@ -21,7 +21,8 @@ def ctx(name="t", inputs=()):
 def frame_result(index=0, errors=None):
     seg = np.zeros((4, 6), np.uint8)
     seg[1:3, 2:5] = 2
-    return FrameResult(0, index, 1, 2, 3, 4, 100, (24, 1, 1), (6, 4), {"decode": 1.0},
+    return FrameResult(FrameMeta(0, index, 1, timings={"decode": 1.0}, sent_ns=2, received_ns=3), 4, 100, (24, 1, 1),
+                       (6, 4),
                        {"detection": {"boxes": np.array([[1, 1, 3, 3]], np.float32), "scores": np.array([0.9]),
                                       "classes": np.array([1])},
                         "segmentation": seg, "classification": {"label": 2, "top5": [(2, 0.8), (1, 0.1)]}},
@@ -80,7 +81,8 @@ def test_jsonl_and_pub_sinks(tmp_path):
 def test_merge_joins_tasks_and_keeps_errors():
     m = create_stage("results.merge")
     m.open(ctx("merge", ["a", "b"]))
-    f = Features(0, 5, 1, 2, 3, 99, (24, 1, 1), Letterbox(6, 4, 8, 1.0, 1, 2, 6, 4), None, {"decode": 1.0})
+    f = Features(FrameMeta(0, 5, 1, timings={"decode": 1.0}, sent_ns=2, received_ns=3), 99, (24, 1, 1),
+                 Letterbox(6, 4, 8, 1.0, 1, 2, 6, 4), None)
     assert m.process(TaskResult("detection", f, {"boxes": []}, None, 1.5)) is None
     out = m.process(TaskResult("segmentation", f, None, "ValueError: bad", 0.5))
     assert out.index == 5 and out.results == {"detection": {"boxes": []}} and out.errors == {"segmentation": "ValueError: bad"}

@@ -14,7 +14,7 @@ import pytest
 
 from codec.tasks import TASKS, Task, get_task, register_task, unregister_task
 from core.errors import UsageError
-from pipeline.stage import FrameResult, available_stages
+from pipeline.stage import FrameMeta, FrameResult, available_stages
 
 ROOT = Path(__file__).resolve().parent.parent
 CKPT = "random:64"
@@ -144,7 +144,8 @@ def test_toy_task_runs_through_consumers_merge_jsonl_video_and_metrics(tmp_path,
               for img in images]
     assert [r["brightness"] for r in rows] == [{"mean": round(d["mean"], 4)} for d in direct]
 
-    fr = FrameResult(0, 0, 1, 2, 3, 4, 100, (24, 16, 16), (80, 48), {}, {"brightness": direct[0]}, {})
+    fr = FrameResult(FrameMeta(0, 0, 1, sent_ns=2, received_ns=3), 4, 100, (24, 16, 16), (80, 48),
+                     {"brightness": direct[0]}, {})
     drawn = annotate(images[0], fr)
     assert (drawn[MARK] == _brightness_grey(direct[0])).all()
     drawn[MARK] = images[0][MARK]

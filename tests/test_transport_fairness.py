@@ -16,7 +16,8 @@ import zmq
 from tests.transport_helpers import (PY, ROOT, edge_checkpoint, env, free_port, kill, read_jsonl,
                                      record_server_config, spawn, wait_for)
 from transport import wire
-from transport.session import K_ERROR, K_HELLO, K_WELCOME, CommitLog, EdgeClient, ServerSession
+from transport.runs import RunLedger
+from transport.session import K_ERROR, K_HELLO, K_WELCOME, EdgeClient, ServerSession
 
 FP = bytes(range(16))
 SHAPE = (4, 2, 2)
@@ -53,7 +54,7 @@ def _answer(sock: zmq.Socket, timeout_s: float = 2.0) -> bytes | None:
 class _Server:
     def __init__(self, ep, **kw):
         self.logs: list[str] = []
-        self.commit = CommitLog()
+        self.commit = RunLedger()
         self.ses = ServerSession(ep, FP, SHAPE, self.commit, log=self.logs.append, window=4, **kw)
         self.frames: list[tuple[int, int]] = []
         self.stop = False

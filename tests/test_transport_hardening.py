@@ -19,8 +19,9 @@ from tests.transport_helpers import (PY, ROOT, edge_checkpoint, env, free_port, 
 from transport import control, wire
 from transport.control import ControlError
 from transport.security import client_security, server_security
-from transport.session import (BUSY, K_BYE, K_DATA, K_ERROR, K_HELLO, K_WELCOME, CommitLog, EdgeClient, Refused,
-                               ServerSession)
+from stages.commitlog import CommitLog  # the JSONL sink's journal (a transport.runs.RunLedger)
+from transport.runs import RunLedger
+from transport.session import BUSY, K_BYE, K_DATA, K_ERROR, K_HELLO, K_WELCOME, EdgeClient, Refused, ServerSession
 
 FP = bytes(range(16))
 SHAPE = (4, 2, 2)
@@ -62,7 +63,7 @@ class _Server:
 
     def __init__(self, ep, security=None, commit=None, **kw):
         self.logs: list[str] = []
-        self.ses = ServerSession(ep, FP, SHAPE, commit or CommitLog(), security=security, log=self.logs.append,
+        self.ses = ServerSession(ep, FP, SHAPE, commit or RunLedger(), security=security, log=self.logs.append,
                                  window=4, **kw)
         self.frames: list[tuple[int, int]] = []
         self.stop = False
@@ -795,8 +796,9 @@ def test_a_loop_thread_that_dies_takes_the_server_down_with_exit_1_and_says_why(
 
 FULL_PIPE_HANGUP = r'''
 import sys, time, zmq
-from transport.session import CommitLog, ServerSession
-ses = ServerSession("tcp://127.0.0.1:0", bytes(16), (4, 2, 2), CommitLog(), log=lambda m: None)
+from transport.runs import RunLedger
+from transport.session import ServerSession
+ses = ServerSession("tcp://127.0.0.1:0", bytes(16), (4, 2, 2), RunLedger(), log=lambda m: None)
 ses.sock.setsockopt(zmq.RCVHWM, 100)
 ep = ses.endpoint
 for _ in range(3):

@@ -12,7 +12,9 @@ from tests.transport_helpers import free_port, make_keys, wait_for
 from transport import control, wire
 from transport.control import ControlError
 from transport.security import client_security, server_security
-from transport.session import CommitLog, EdgeClient, ServerSession
+from stages.commitlog import CommitLog
+from transport.runs import RunLedger
+from transport.session import EdgeClient, ServerSession
 
 FP = bytes(range(16))
 SHAPE = (4, 2, 2)
@@ -30,7 +32,7 @@ class _Server:
 
     def __init__(self, ep, security=None, commit=None, **kw):
         self.logs: list[str] = []
-        self.commit = commit or CommitLog()
+        self.commit = commit or RunLedger()
         self.ses = ServerSession(ep, FP, SHAPE, self.commit, security=security, log=self.logs.append, window=4,
                                  **kw)
         self.frames: list[tuple[int, int, str]] = []  # (stream, index, run)
@@ -178,7 +180,7 @@ def test_frames_in_flight_of_the_killed_edge_are_neither_lost_nor_doubled():
     """The server still holds frames of the killed session (not yet finished) when the new session arrives: they
     finish once; the new edge's copies are refused as replays and acknowledged when the originals are done."""
     ep = f"tcp://127.0.0.1:{free_port()}"
-    commit = CommitLog()
+    commit = RunLedger()
     logs: list[str] = []
     ses = ServerSession(ep, FP, SHAPE, commit, log=logs.append, window=4, owner_timeout_s=0.3)
     held: list[int] = []  # accepted, not finished yet

@@ -9,7 +9,8 @@ from core.errors import UsageError
 from tests.transport_helpers import Relay, free_port, make_keys
 from transport import wire
 from transport.security import client_security, server_security
-from transport.session import CommitLog, EdgeClient, ServerSession
+from transport.runs import RunLedger
+from transport.session import EdgeClient, ServerSession
 
 FP = bytes(range(16))
 SHAPE = (4, 2, 2)
@@ -20,7 +21,7 @@ class _Server:
     """A ServerSession served by a thread: finishes every frame at once (acks)."""
 
     def __init__(self, ep, security):
-        self.ses = ServerSession(ep, FP, SHAPE, CommitLog(), security=security, log=self.logs.append, window=4)
+        self.ses = ServerSession(ep, FP, SHAPE, RunLedger(), security=security, log=self.logs.append, window=4)
         self.frames = []
         self.stop = False
         self.t = threading.Thread(target=self._run, daemon=True)

@@ -32,8 +32,9 @@ fewer than ``window`` of its frames are unacknowledged, so the server never hold
 of one stream (fair queuing across edges comes from ROUTER plus the per-stream window).
 
 **Replay** (lossless, exactly once, in order): the server accepts frame ``next`` only, acknowledges a frame
-once its results are written (:class:`CommitLog`), and a restarted server knows from the JSONL what it already
-finished (``next``). The edge keeps every unacknowledged frame; when it meets a new server instance (a
+once it is finished (its :class:`transport.runs.RunLedger` says so: in a pipeline, once every committing stage
+wrote it), and a restarted server knows from a durable ledger (the JSONL sink's) what it already finished
+(``next``). The edge keeps every unacknowledged frame; when it meets a new server instance (a
 restart: the welcome's ``instance`` changed) it drops what the server says is done and resends the rest.
 Across edge restarts too: a new edge session replaying the same source (``source``) on the same stream, with
 the run's key (without keys: once the old session is silent), continues the unfinished run: the welcome names
@@ -59,13 +60,13 @@ import time
 import traceback
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import zmq
 
 from transport import control, wire
 from transport.control import ControlError
+from transport.runs import RunLedger
 
 PROTO = 1
 K_HELLO, K_DATA, K_WELCOME, K_ACK, K_NACK, K_ERROR, K_BYE = b"H", b"D", b"W", b"A", b"N", b"E", b"B"
@@ -464,169 +465,6 @@ class EdgeClient:
                 self.cond.notify_all()
 
 
-# ============================================================================================ commit log
-class CommitLog:
-    """What the server has finished (results written), shared by the stages of one server process.
-
-    The JSONL sink owns it (``path`` = the JSONL file) and calls :meth:`done` after each line is written and
-    flushed; stages that finish a frame without a line (a frame that cannot be decoded) call :meth:`done` too.
-    The receive stage drains :attr:`queue` to send acknowledgements. Across restarts, ``PATH.state.json``
-    records, per stream, its current **run** (the edge session that opened it; a restarted edge on the same
-    source continues it under that id), its owner, its replay source, whether it ended, and where its rows start
-    in the JSONL; on open, the JSONL is read back from there to learn the last finished frame of each stream (a
-    torn last line is cut off).
-
-    Each accepted frame is registered with its run (:meth:`admit`); :meth:`session_of` tells a sink which run a
-    row belongs to (its ``session`` field), and :meth:`done` queues ``(stream, index, run)`` so that a frame of
-    an earlier run still in flight never counts for the current one."""
-
-    MAX_ADMITTED = 1 << 16  # frames registered and not yet done (a frame lost inside the graph is forgotten)
-
-    def __init__(self, path: str | Path | None = None, resume: bool = False):
-        import queue
-        self.path = Path(path) if path is not None else None
-        self.persist = bool(resume)
-        self.state_path = self.path.with_name(self.path.name + ".state.json") if self.path else None
-        self.queue: "queue.SimpleQueue[tuple[int, int, str | None]]" = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.sessions: dict[int, dict[str, Any]] = {}
-        self.finished: dict[int, int] = {}  # stream -> last finished frame index of its current session
-        self.admitted: OrderedDict[tuple[int, int], str] = OrderedDict()  # (stream, index) -> run, until done
-        self.offset = 0
-        if self.path is not None and resume and self.state_path.is_file() and self.path.is_file():
-            self._load()
-
-    def _load(self) -> None:
-        try:
-            st = json.loads(self.state_path.read_text())
-            self.sessions = {int(k): v for k, v in st.get("streams", {}).items()}
-        except (ValueError, OSError, AttributeError):
-            self.sessions = {}
-            return
-        data = self.path.read_bytes()
-        cut = data.rfind(b"\n") + 1
-        if cut != len(data):  # a line torn by a crash: drop it, the frame is processed again
-            with open(self.path, "r+b") as fh:
-                fh.truncate(cut)
-            data = data[:cut]
-        self.offset = len(data)
-        for s, info in self.sessions.items():
-            start = int(info.get("offset", 0))
-            last = -1
-            for line in data[start:].splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if row.get("stream") == s:
-                    last = max(last, int(row.get("frame", -1)))
-            self.finished[s] = last
-
-    @property
-    def resumable(self) -> bool:
-        return bool(self.sessions)
-
-    def next_for(self, stream: int, session: str, owner: str | None = None, source: str | None = None) -> int:
-        """The first frame index a (re)connecting edge session still has to deliver; records a new run (session),
-        its owner (the CURVE key, or the session without keys) and its replay source."""
-        with self.lock:
-            info = self.sessions.get(stream)
-            if info is not None and info.get("session") == session:
-                changed = False
-                for k, v in (("owner", owner), ("source", source)):
-                    if v is not None and info.get(k) != v:
-                        info[k], changed = v, True
-                if changed:
-                    self._save()
-                return self.finished.get(stream, -1) + 1
-            self.sessions[stream] = {"session": session, "offset": self.offset}
-            if owner is not None:
-                self.sessions[stream]["owner"] = owner
-            if source is not None:
-                self.sessions[stream]["source"] = source
-            self.finished[stream] = -1
-            self._save()
-            return 0
-
-    def run_info(self, stream: int) -> dict[str, Any] | None:
-        """The recorded run of ``stream`` (``session``, ``owner``, ``source``, ``ended``, ``next``: the first
-        frame not finished), or None. Survives a server restart (the state file)."""
-        with self.lock:
-            info = self.sessions.get(stream)
-            if not isinstance(info, dict) or not isinstance(info.get("session"), str):
-                return None
-            out = {k: info.get(k) for k in ("session", "owner", "source")}
-            out["ended"] = bool(info.get("ended"))
-            out["next"] = self.finished.get(stream, -1) + 1
-            return out
-
-    def end(self, stream: int, session: str) -> None:
-        """The run ``session`` of ``stream`` ended (its end-of-stream acknowledged): a later edge session on the
-        same source starts a new run instead of continuing this one."""
-        with self.lock:
-            info = self.sessions.get(stream)
-            if info is not None and info.get("session") == session and not info.get("ended"):
-                info["ended"] = True
-                self._save()
-
-    def forget(self, stream: int, session: str) -> bool:
-        """Drop the record of run ``session`` of ``stream`` if it has no row (a stream slot reclaimed before its
-        first frame finished): what a flood of hellos leaves behind does not grow the state file."""
-        with self.lock:
-            info = self.sessions.get(stream)
-            if info is None or info.get("session") != session or self.finished.get(stream, -1) >= 0:
-                return False
-            del self.sessions[stream]
-            self.finished.pop(stream, None)
-            self._save()
-            return True
-
-    def admit(self, stream: int, index: int, session: str) -> None:
-        """Frame ``index`` of ``stream`` was accepted for run ``session`` (until :meth:`done`)."""
-        with self.lock:
-            self.admitted[(stream, index)] = session
-            if len(self.admitted) > self.MAX_ADMITTED:
-                self.admitted.popitem(last=False)
-
-    def session_of(self, stream: int, index: int) -> str | None:
-        """The run (edge session id) frame ``index`` of ``stream`` belongs to: what a row's ``session`` says, so
-        that a reader can tell runs apart. None when unknown (a graph without a receive stage)."""
-        with self.lock:
-            run = self.admitted.get((stream, index))
-            if run is None:
-                info = self.sessions.get(stream)
-                run = info.get("session") if isinstance(info, dict) else None
-            return run
-
-    def owner_of(self, stream: int) -> str | None:
-        """Who owned ``stream`` last (recorded in the state file: survives a server restart), or None."""
-        with self.lock:
-            info = self.sessions.get(stream)
-            owner = info.get("owner") if isinstance(info, dict) else None
-            return owner if isinstance(owner, str) else None
-
-    def _save(self) -> None:
-        if self.state_path is None or not self.persist:
-            return
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        tmp.write_text(json.dumps({"streams": {str(k): v for k, v in self.sessions.items()}}))
-        tmp.replace(self.state_path)
-
-    def wrote(self, nbytes: int) -> None:
-        with self.lock:
-            self.offset += nbytes
-
-    def done(self, stream: int, index: int) -> None:
-        """Frame ``index`` of ``stream`` is finished (its row written, or it has none): queue its ack."""
-        with self.lock:
-            run = self.admitted.pop((stream, index), None)
-            info = self.sessions.get(stream)
-            current = run is None or info is None or info.get("session") == run
-            if current and index > self.finished.get(stream, -1):
-                self.finished[stream] = index
-        self.queue.put((stream, index, run))
-
-
 # ============================================================================================ server side
 @dataclass
 class StreamState:
@@ -739,7 +577,7 @@ class ServerSession:
     hold the GIL through a flood, and every other stage of the process would wait for it)."""
 
     def __init__(self, endpoint: str, fingerprint: bytes, latent_shape: tuple[int, int, int] | None,
-                 commit: CommitLog, security=None, window: int = 8, max_payload: int = 4 * 1024 * 1024,
+                 commit: RunLedger, security=None, window: int = 8, max_payload: int = 4 * 1024 * 1024,
                  live_window: int = 2,
                  max_streams: int = 256, log: Callable[[str], None] = print, bind: bool = True,
                  context: zmq.Context | None = None, name: str = "server", max_frame_side: int = 4096,

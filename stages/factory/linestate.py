@@ -38,27 +38,16 @@ class StreamState:
     done_times: deque = field(default_factory=lambda: deque(maxlen=64))  # monotonic times of recent frames
 
 
-def edge_links(shared: dict) -> tuple[int | None, dict[int, dict[str, Any]]]:
+def edge_links(runtime) -> tuple[int | None, dict[int, dict[str, Any]]]:
     """Edges connected to this process's ``server.receive``: (number up, {stream: {connected, mode, peer}}).
 
-    ``(None, {})`` when this process receives no edges (in-process test graphs, worker topologies), so outputs can
-    say "unknown" instead of a false 0. Finds the receiving session among the graph's stages
-    (``shared["graph_nodes"]``: a stage with a ``session`` holding a ``streams`` mapping), assuming no more of each
-    stream state than ``stream``, ``connected``, ``mode`` and ``sender``."""
-    sessions = [getattr(getattr(n, "stage", None), "session", None)
-                for n in list((shared.get("graph_nodes") or {}).values())]
-    found = [s.streams for s in sessions if isinstance(getattr(s, "streams", None), dict)]
-    if not found:
+    ``(None, {})`` when this process receives no edges (in-process test graphs, worker topologies) or
+    ``runtime`` (the stage's ``ctx.runtime``, a GraphView) is None, so outputs can say "unknown" instead of a
+    false 0. Asks the graph's stages that receive edges (``GraphView.edge_links``)."""
+    links = runtime.edge_links() if runtime is not None else None
+    if links is None:
         return None, {}
-    out: dict[int, dict[str, Any]] = {}
-    for streams in found:
-        for st in list(streams.values()):
-            try:
-                sid = int(getattr(st, "stream"))
-            except (TypeError, ValueError, AttributeError):
-                continue
-            up = bool(getattr(st, "connected", False)) and not bool(getattr(st, "bye", False))
-            out[sid] = {"connected": up, "mode": str(getattr(st, "mode", "")), "peer": str(getattr(st, "sender", ""))}
+    out = {int(sid): dict(info) for sid, info in links.items()}
     return sum(1 for v in out.values() if v["connected"]), out
 
 
@@ -124,14 +113,14 @@ class LineState:
         with self.lock:
             self.stopped = True
 
-    def snapshot(self, shared: dict | None = None) -> dict[str, Any]:
+    def snapshot(self, runtime=None) -> dict[str, Any]:
         """The line now, JSON-able: ``line``, ``state`` (waiting / running / idle / stopped: running while any
         stream runs), ``running``, ``total``, ``by_class`` (every known class, 0 included), ``items_per_min``,
         ``last_item`` (the latest count over all streams: ``track_id``, ``class``, ``class_id``, ``score``,
         ``stream``, ``frame``, ``time_ns``), ``health`` (``frames``, ``last_frame_ns``, ``receiving``: a frame
         within ``stale_s``, ``connected_edges``: None when unknown, ``counting``: counts present) and
         ``streams`` ({id: the same per stream, plus ``fps``, ``latency_ms``, ``last_frame``, ``edge``})."""
-        connected, links = edge_links(shared or {})
+        connected, links = edge_links(runtime)
         now = time.monotonic()
         with self.lock:
             streams: dict[str, Any] = {}

@@ -9,7 +9,7 @@ metrics only):
 * ``ladon_items_counted_total{stream,class}``, ``ladon_items_per_minute{stream}``,
   ``ladon_events_total{stream,type}``, ``ladon_line_idle{stream}`` (1 while idle).
 
-At every scrape, from the graph runtime of this process (``ctx.shared["graph_nodes"]``, what the console line
+At every scrape, from the graph runtime of this process (``ctx.runtime.stages()``, what the console line
 reads too): ``ladon_stage_queue_depth{stage}`` (messages waiting at the stage's input), ``ladon_stage_
 processed_total``, ``ladon_stage_dropped_total`` (live messages dropped on a full queue, and MQTT events dropped
 on a full buffer), ``ladon_stage_errors_total``, ``ladon_stage_busy_seconds_total`` and
@@ -29,8 +29,8 @@ DEFAULT_BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 class _GraphCollector:
     """Reads queue depths and stage counters of the running graph at scrape time."""
 
-    def __init__(self, shared: dict, ns: str):
-        self.shared, self.ns = shared, ns
+    def __init__(self, runtime, ns: str):
+        self.runtime, self.ns = runtime, ns  # a pipeline.stage.GraphView, or None outside a graph
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -41,13 +41,9 @@ class _GraphCollector:
         errs = CounterMetricFamily(f"{ns}_stage_errors", "Errors in the stage", labels=["stage"])
         busy = CounterMetricFamily(f"{ns}_stage_busy_seconds", "Time the stage spent processing", labels=["stage"])
         extra = GaugeMetricFamily(f"{ns}_stage_stat", "A stage's own numeric counters", labels=["stage", "name"])
-        for name, node in list(self.shared.get("graph_nodes", {}).items()):
-            q = getattr(node, "queue", None)
-            if q is not None:
-                depth.add_metric([name], q.qsize())
-            st = getattr(node, "stats", None)
-            if st is None:
-                continue
+        for status in (self.runtime.stages() if self.runtime is not None else []):
+            name, st = status.name, status.stats
+            depth.add_metric([name], status.queue_depth)
             proc.add_metric([name], st.processed)
             drop.add_metric([name], st.dropped)
             errs.add_metric([name], st.errors)
@@ -105,7 +101,7 @@ class MetricsSink(Stage):
                           registry=reg)
         self.events = Counter(f"{ns}_events", "Events emitted", ["stream", "type"], registry=reg)
         self.idle = Gauge(f"{ns}_line_idle", "1 while the line is idle", ["stream"], registry=reg)
-        reg.register(_GraphCollector(ctx.shared, ns))
+        reg.register(_GraphCollector(ctx.runtime, ns))
         try:
             self.server, self.thread = start_http_server(self.port, addr=self.host, registry=reg)
         except OSError as exc:

@@ -235,7 +235,7 @@ class _UaServer:
     async def _sync(self) -> None:
         """Write every tag whose value changed since the last sync (and create tags seen for the first time)."""
         ua = self.ua
-        snap = self.stage.state.snapshot(self.stage.ctx.shared)
+        snap = self.stage.state.snapshot(self.stage.ctx.runtime)
         now = datetime.now(timezone.utc)
         for path, (value, vtype) in snapshot_tags(snap).items():
             if path in self.written and self.written[path] == value:
@@ -317,7 +317,7 @@ class OpcUaSink(Stage):
             u = urlparse(self.url)
             netloc = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
             self.url = u._replace(netloc=netloc).geturl()
-        names = self.classes or list(getattr(ctx.shared.get("codec"), "class_names", {}).get("detection", []))
+        names = self.classes or list(getattr(ctx.codec(), "class_names", {}).get("detection", []))
         self.state = LineState(self.line, names, stale_s=self.stale_s)
         self.ua = _UaServer(self)
         self.ua.start()
@@ -328,8 +328,8 @@ class OpcUaSink(Stage):
                 f"Objects/Ladon/{self.line_tag}")
 
     def process(self, fr: FrameResult) -> None:
-        if not self.state.classes:  # the decode stage shares the codec (and its class names) after sinks open
-            names = list(getattr(self.ctx.shared.get("codec"), "class_names", {}).get("detection", []))
+        if not self.state.classes:  # the decode stage loads the codec (and its class names) after sinks open
+            names = list(getattr(self.ctx.codec(), "class_names", {}).get("detection", []))
             if names:
                 self.state.set_classes(names)
         if not self.state.update(fr) and not self.state.missing_counts_noted:

@@ -283,11 +283,11 @@ def frame_time_s(fr: FrameResult, clock: str, fps: float) -> float:
     return fr.index / fps
 
 
-def detection_names(shared: dict, names: list[str] | None) -> list[str]:
-    """Class names: the ``names`` parameter, else the loaded codec's detection names, else none (ids as text)."""
+def detection_names(codec, names: list[str] | None) -> list[str]:
+    """Class names: the ``names`` parameter, else the loaded codec's detection names (``codec``: ``ctx.codec()``),
+    else none (ids as text)."""
     if names:
         return list(names)
-    codec = shared.get("codec")
     return list(getattr(codec, "class_names", {}).get("detection", [])) if codec is not None else []
 
 
@@ -333,12 +333,12 @@ class TrackItems(Stage):
 
     def open(self, ctx) -> None:
         super().open(ctx)
-        self.names = detection_names(ctx.shared, self.names_param)
+        self.names = detection_names(ctx.codec(), self.names_param)
         ItemTracker(**self.cfg)  # fail at open (missing tracker package), not on the first frame
 
     def process(self, fr: FrameResult) -> FrameResult:
-        if not self.names:  # the decode stage puts the codec (and its class names) in ctx.shared when it opens,
-            self.names = detection_names(self.ctx.shared, self.names_param)  # after this stage (sinks open first)
+        if not self.names:  # the decode stage loads the codec (and its class names) when it opens, after this
+            self.names = detection_names(self.ctx.codec(), self.names_param)  # stage (sinks open first)
         w, h = fr.size
         det = fr.results.get("detection")
         tr = self.trackers.get(fr.stream)

@@ -89,7 +89,7 @@ class LiveView(Stage):
     # ------------------------------------------------------------------ lifecycle
     def open(self, ctx) -> None:
         super().open(ctx)
-        names = self.classes or list(getattr(ctx.shared.get("codec"), "class_names", {}).get("detection", []))
+        names = self.classes or list(getattr(ctx.codec(), "class_names", {}).get("detection", []))
         self.state = LineState(self.line, names, stale_s=self.stale_s)
         self.cond = threading.Condition()
         self.closing = False
@@ -146,7 +146,7 @@ class LiveView(Stage):
             return None
         fr = msg
         if not self.state.classes:
-            names = list(getattr(self.ctx.shared.get("codec"), "class_names", {}).get("detection", []))
+            names = list(getattr(self.ctx.codec(), "class_names", {}).get("detection", []))
             if names:
                 self.state.set_classes(names)
         self.state.update(fr)
@@ -184,7 +184,7 @@ class LiveView(Stage):
         w, h = fr.size
         if image is None or image.shape[:2] != (h, w):
             image = np.full((h, w, 3), 64, np.uint8)
-        out = annotate(image, fr, self.ctx.shared)
+        out = annotate(image, fr, self.ctx.codec())
         det = fr.results.get("detection") or {}
         ids = det.get("track_ids")
         if ids is not None:  # the item id next to each tracked box (what events and the JSONL call it)
@@ -200,7 +200,7 @@ class LiveView(Stage):
         return buf.tobytes()
 
     def snapshot(self) -> dict[str, Any]:
-        snap = self.state.snapshot(self.ctx.shared)
+        snap = self.state.snapshot(self.ctx.runtime)
         with self.cond:
             snap["view"] = {"poll_ms": self.poll_ms, "title": self.title,
                             "frames": sorted(s for s, sf in self.streams.items() if sf.fr is not None)}
