@@ -68,6 +68,7 @@ def factory_cost(codec, frames: list[np.ndarray], rounds: int = 5, log=lambda m:
 
     from codec.tasks import TASKS
     from core.geometry import letterbox_image, letterbox_params
+    from pipeline.envelope import FrameMeta
     from pipeline.stage import FrameResult
     from stages.consumers import map_result
 
@@ -81,8 +82,8 @@ def factory_cost(codec, frames: list[np.ndarray], rounds: int = 5, log=lambda m:
             feats = codec.decode([enc])
             lb = letterbox_params(w, h, codec.input_size)
             results = {t: map_result(t, codec.head(t, feats)[0], lb) for t in TASKS}
-            out.append(FrameResult(0, i, 1_000_000_000 + i * 66_666_667, 0, 0, 0, len(enc.payload),
-                                   tuple(enc.latent_shape), (w, h), {}, results, {}))
+            meta = FrameMeta(0, i, capture_ns=1_000_000_000 + i * 66_666_667)
+            out.append(FrameResult(meta, 0, len(enc.payload), tuple(enc.latent_shape), (w, h), results, {}))
         return (time.perf_counter() - t0) / len(encoded), out
 
     def factory_pass(results: list[FrameResult]) -> dict[str, float]:

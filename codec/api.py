@@ -66,6 +66,12 @@ class Features:
                 self._raw[task] = compute()
             return _copied(self._raw[task])
 
+    def __getstate__(self) -> dict:  # picklable (to ship features to another process): locks are per process
+        return {"cache": self.cache, "batch": self.batch, "_raw": dict(self._raw)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["cache"], state["batch"], state["_raw"])
+
 
 def _copied(raw: Any) -> Any:
     """``raw`` with every tensor cloned (lists, tuples and dicts rebuilt around them)."""
