@@ -118,7 +118,7 @@ class FrameResult(_Enveloped):
 
 @dataclass
 class ResultRecord(_Enveloped):
-    """A frame's finished JSON object (the JSONL schema), e.g. computed by a worker process (topology b)."""
+    """A frame's finished JSON object (the JSONL schema), computed elsewhere (the sinks write it as it is)."""
     meta: FrameMeta
     record: dict
 
@@ -267,7 +267,7 @@ def now_ms(t0: float) -> float:
 #: the project's own stage modules, as pyproject.toml declares them under [project.entry-points."ladon.stages"]
 #: (a test keeps the two lists equal); imported whatever the installed metadata says
 BUILTIN_STAGE_MODULES = (
-    "stages.sources", "stages.edge", "stages.server", "stages.consumers", "stages.sinks", "stages.workers",
+    "stages.sources", "stages.edge", "stages.server", "stages.consumers", "stages.sinks", "stages.ray_compute",
     "stages.factory.tracking", "stages.factory.counting", "stages.factory.events", "stages.factory.mqtt_sink",
     "stages.factory.metrics", "stages.factory.opcua_sink", "stages.factory.webview",
 )
@@ -317,7 +317,12 @@ def _load_builtins() -> None:
     _BUILTINS_LOADED = True
     declared = [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP) if _is_own(ep) and ep.attr is None]
     for module in dict.fromkeys([*declared, *BUILTIN_STAGE_MODULES]):
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            # metadata installed from an older checkout may name a module this one removed (stages.workers)
+            if module in BUILTIN_STAGE_MODULES or exc.name != module:
+                raise
 
 
 def _load_entry_points() -> None:

@@ -88,9 +88,9 @@ def test_bad_factory_options(command, argv, words):
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
-def test_server_factory_refuses_workers_and_a_missing_detection_task():
+def test_server_factory_refuses_ray_and_a_missing_detection_task():
     from pipeline.commands import server
-    for argv, words in ((["--factory", "--workers", "tcp://127.0.0.1:5557"], ["--workers", "drop --workers"]),
+    for argv, words in ((["--factory", "--ray", "auto"], ["--ray", "drop --ray"]),
                         (["--factory", "--tasks", "segmentation"], ["--tasks", "detection"])):
         with pytest.raises(UsageError) as e:
             server.run(parse("server", "--bind", "tcp://127.0.0.1:5599", "--insecure", *argv))

@@ -201,7 +201,7 @@ def test_builtins_load_without_installed_entry_points():
     code = ("import importlib.metadata as md; md.entry_points = lambda **kw: []\n"
             "import pipeline.stage as s; keys = s.available_stages()\n"
             "need = {'source.video', 'edge.encode', 'server.decode', 'task.detection', 'task.classification',"
-            " 'results.merge', 'sink.jsonl', 'worker.jobs', 'track.items', 'sink.mqtt'}\n"
+            " 'results.merge', 'sink.jsonl', 'server.ray', 'track.items', 'sink.mqtt'}\n"
             "print(sorted(need - set(keys)))")
     from pathlib import Path
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,

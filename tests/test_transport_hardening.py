@@ -5,7 +5,6 @@ import json
 import math
 import random
 import signal
-import struct
 import subprocess
 import threading
 import time
@@ -265,76 +264,14 @@ def test_refusal_log_one_line_per_kind_per_peer_per_interval_with_counts():
 
 
 # ======================================================================================= in-process: control channels
-def _dispatch(ep, **kw):
-    from pipeline.stage import StageContext, StageStats, create_stage
-    d = create_stage("server.dispatch", endpoint=ep, insecure=True, worker_timeout_s=5, drain_s=2, **kw)
-    emitted, commit, logs, stats = [], CommitLog(), [], StageStats()
-    d.open(StageContext("dispatch", "t", threading.Event(), stats, {"commit": commit}, logs.append,
-                        emit=emitted.append))
-    return d, emitted, commit, logs, stats
-
-
-def _packet(stream, i, live=False):
-    from pipeline.stage import Packet
-    data = _frame(stream, i, flags=wire.FLAG_LIVE if live else 0)
-    return Packet(stream, i, 1, data, live, header=wire.unpack(data)[0])
-
-
-def test_worker_ready_capacity_1e400_and_hostile_worker_messages_keep_the_dispatcher_alive():
-    ep = f"tcp://127.0.0.1:{free_port()}"
-    d, emitted, commit, logs, stats = _dispatch(ep)
-    bad = _dealer(ep)
-    good = _dealer(ep)
-    try:
-        for body in (b'{"capacity": 1e400}', b"[" * 200_000, b'{"capacity": true}', b'{"capacity": "2"}',
-                     b'{"capacity": 0}', b'{"capacity": 65}', b'{"capacity": NaN}', b'{"capacity": 2.5}',
-                     b'{"capacity": ' + b"9" * 5000 + b"}"):
-            bad.send_multipart([b"R", body])
-        bad.send_multipart([b"R"] + [b"x" * 1024] * 40)  # a part flood
-        bad.send_multipart([b"O", struct.pack("<IQ", 1, 0), b"{}"])  # a result from a peer that never joined
-        bad.send_multipart([b"Z", b"?"])
-        wait_for(lambda: sum(d.refusals.counts.values()) >= 12, 10, "the refusals to be counted")
-        assert d.thread.is_alive() and not d.workers  # nothing joined, nothing died
-        assert d.refusals.counts == {"ControlError": 11, "PartsError": 1}, d.refusals.counts
-        assert any("refused a message (ControlError)" in m and "not finite" in m for m in logs), logs
-        # a real worker still gets work; a result with a non-finite number or the wrong frame is refused and the
-        # frame finished without a result (acknowledged, not resent forever)
-        good.send_multipart([b"R", b'{"capacity": 3}'])
-        for i in range(3):
-            d.process(_packet(1, i))
-        jobs = []
-        deadline = time.monotonic() + 10
-        while len(jobs) < 3 and time.monotonic() < deadline:
-            if good.poll(100):
-                h = wire.unpack(good.recv_multipart()[1])[0]
-                jobs.append((h.stream_id, h.frame_index))
-            else:
-                good.send_multipart([b"R", b'{"capacity": 3}'])
-        assert sorted(jobs) == [(1, 0), (1, 1), (1, 2)]
-        good.send_multipart([b"O", struct.pack("<IQ", 1, 0), b'{"stream": 1, "frame": 0, "scores": [1e400]}'])
-        good.send_multipart([b"O", struct.pack("<IQ", 1, 1), b'{"stream": 1, "frame": 7}'])
-        good.send_multipart([b"O", struct.pack("<IQ", 1, 2), b'{"stream": 1, "frame": 2, "ok": true}'])
-        wait_for(lambda: len(emitted) == 1, 10, "the one good result")
-        assert emitted[0].record == {"stream": 1, "frame": 2, "ok": True}
-        assert d.refusals.counts["ResultError"] == 2
-        assert sorted([commit.queue.get_nowait()[:2], commit.queue.get_nowait()[:2]]) == [(1, 0), (1, 1)]
-        assert d.thread.is_alive()
-    finally:
-        d.close()
-        bad.close(0)
-        good.close(0)
-    assert stats.extra["refused"]["ResultError"] == 2 and stats.errors == 14
-
-
 def test_control_channel_fuzz_hello_goodbye_ready(tmp_path):
-    """Thousands of hostile hellos, goodbyes and worker messages into a live session and dispatcher: every one is
-    refused and counted, nothing dies, a valid edge and a valid worker work afterwards."""
-    ep, wep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    """Thousands of hostile hellos and goodbyes into a live session: every one is refused and counted, nothing
+    dies, a valid edge works afterwards."""
+    ep = f"tcp://127.0.0.1:{free_port()}"
     srv = _Server(ep)
-    d, emitted, commit, logs, stats = _dispatch(wep)
-    edge, stranger, worker = _dealer(ep), _dealer(ep), _dealer(wep)
+    edge, stranger = _dealer(ep), _dealer(ep)
     rng = random.Random(7)
-    expect = {"hello": 0, "bye": 0, "ready": 0}
+    expect = {"hello": 0, "bye": 0}
     n = 1500
     try:
         for i in range(n):
@@ -348,24 +285,15 @@ def test_control_channel_fuzz_hello_goodbye_ready(tmp_path):
             expect["hello"] += not valid_hello
             stranger.send_multipart([K_BYE, body])  # valid or not: this peer owns no stream
             expect["bye"] += 1
-            try:
-                control.parse(body, control.READY)
-                valid_ready = True
-            except ControlError:
-                valid_ready = False
-            worker.send_multipart([b"R", body])
-            expect["ready"] += not valid_ready
             if i % 100 == 0:
                 while edge.poll(0):
                     edge.recv_multipart()
         refused = srv.ses.refused
         wait_for(lambda: sum(refused.values()) >= expect["hello"] + expect["bye"], 60, "the session's refusals")
-        wait_for(lambda: sum(d.refusals.counts.values()) >= expect["ready"], 60, "the dispatcher's refusals")
         time.sleep(0.2)
-        assert sum(d.refusals.counts.values()) == expect["ready"]
-        assert srv.t.is_alive() and d.thread.is_alive()
-        assert "InternalError" not in refused and "InternalError" not in d.refusals.counts
-        assert expect["hello"] > 0.9 * n and expect["ready"] > 0.9 * n
+        assert srv.t.is_alive()
+        assert "InternalError" not in refused
+        assert expect["hello"] > 0.9 * n
         # then a valid edge stream, in full
         cl = EdgeClient(ep, 42, FP, "replay", log=lambda m: None, timeout_s=20)
         try:
@@ -378,11 +306,9 @@ def test_control_channel_fuzz_hello_goodbye_ready(tmp_path):
         log_lines = [m for m in srv.logs if "refused" in m]
         assert len(log_lines) < 40, log_lines  # rate-limited: per kind per peer, not per message
     finally:
-        d.close()
         srv.close()
         edge.close(0)
         stranger.close(0)
-        worker.close(0)
 
 
 def test_edge_client_survives_hostile_server_messages():
@@ -742,45 +668,28 @@ def boom(*args, **kwargs):
     raise Boom("injected failure")
 
 
-if sys.argv[1] == "dispatch":
-    from stages.workers import Dispatch
-    Dispatch._on_message = boom
-else:
-    from transport.session import ServerSession
-    ServerSession._handle = boom
+from transport.session import ServerSession
+ServerSession._handle = boom
 from pipeline.cli import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(sys.argv[1:]))
 '''
-DISPATCH_SERVER = """
-name: dispatch_server
-vars: {bind: null, workers: null, checkpoint: null, out: out, exit_on_eos: false, max_frames: null,
-       frames_from: null, secret_key: null, allowed_keys: null, insecure: true, window: 8}
-stages:
-  - {name: receive, key: server.receive, params: {endpoint: "${bind}", checkpoint: "${checkpoint}", insecure: true,
-      exit_on_eos: false}}
-  - {name: dispatch, key: server.dispatch, inputs: [receive], params: {endpoint: "${workers}", insecure: true}}
-  - {name: jsonl, key: sink.jsonl, inputs: [dispatch], params: {path: "${out}/results.jsonl"}}
-"""
-
-
-@pytest.mark.parametrize("where", ["dispatch", "receive"])
-def test_a_loop_thread_that_dies_takes_the_server_down_with_exit_1_and_says_why(tmp_path, where):
+def test_a_loop_thread_that_dies_takes_the_server_down_with_exit_1_and_says_why(tmp_path):
     pytest.importorskip("codec.api")
     ckpt = edge_checkpoint()
     (tmp_path / "driver.py").write_text(DRIVER)
-    (tmp_path / "server.yaml").write_text(DISPATCH_SERVER)
-    ep, wep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    record_server_config(tmp_path / "server.yaml")
+    ep = f"tcp://127.0.0.1:{free_port()}"
     log = tmp_path / "server.log"
-    args = ["server", "--config", str(tmp_path / "server.yaml"), "--bind", ep, "--workers", wep,
+    args = ["server", "--config", str(tmp_path / "server.yaml"), "--bind", ep,
             "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--insecure", "--quiet"]
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([PY, str(tmp_path / "driver.py"), where, *args], cwd=ROOT, env=env(), stdout=fh,
+        proc = subprocess.Popen([PY, str(tmp_path / "driver.py"), *args], cwd=ROOT, env=env(), stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    s = _dealer(wep if where == "dispatch" else ep)
+    s = _dealer(ep)
     try:
         deadline = time.monotonic() + 90
         while proc.poll() is None and time.monotonic() < deadline:
-            s.send_multipart([b"R", b'{"capacity": 1}'] if where == "dispatch" else [K_HELLO, _hello(1, "x")])
+            s.send_multipart([K_HELLO, _hello(1, "x")])
             time.sleep(0.2)
         rc = proc.wait(5)
     finally:
@@ -788,10 +697,7 @@ def test_a_loop_thread_that_dies_takes_the_server_down_with_exit_1_and_says_why(
         kill(proc)
     text = log.read_text()
     assert rc == 1, text[-3000:]
-    if where == "dispatch":
-        assert "the dispatch I/O thread failed: Boom: injected failure" in text, text[-3000:]
-    else:
-        assert "stage 'receive' (server.receive) failed: Boom: injected failure" in text, text[-3000:]
+    assert "stage 'receive' (server.receive) failed: Boom: injected failure" in text, text[-3000:]
 
 
 FULL_PIPE_HANGUP = r'''

@@ -28,15 +28,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", default=None, metavar="FILE",
                    help="the server's CurveZMQ secret key (server.key_secret from `run_pipeline.py keys`)")
     p.add_argument("--allowed-keys", default=None, metavar="DIR",
-                   help="folder of the public keys (*.key) of the edges and workers allowed to connect")
+                   help="folder of the public keys (*.key) of the edges allowed to connect")
     p.add_argument("--insecure", action="store_true",
                    help="allow a tcp link without encryption or authentication (a warning is printed)")
     p.add_argument("--window", type=int, default=8, metavar="N", help="frames in flight per replayed stream (default 8; live streams get --live-window)")
     p.add_argument("--live-window", type=int, default=2, metavar="N",
                    help="frames in flight per live stream (default 2: each frame in flight adds a frame of latency)")
-    p.add_argument("--workers", default=None, metavar="ENDPOINT",
-                   help="topology (b): bind ENDPOINT for worker processes (`run --config worker`) and hand each "
-                        "frame to one of them instead of decoding here")
+    p.add_argument("--ray", default=None, metavar="auto|HOST:PORT",
+                   help="topology (b): decode, shared body and heads on a Ray Serve deployment (graph server_ray): "
+                        "`auto` starts a local Ray instance, HOST:PORT joins the cluster of `ray start --head`")
+    p.add_argument("--ray-replicas", type=int, default=None, metavar="N",
+                   help="with --ray: replicas of the deployment (default 1; the graph's ray_max_replicas autoscales)")
+    p.add_argument("--ray-max-batch", type=int, default=None, metavar="N",
+                   help="with --ray: frames per forward pass, batched across streams (default 8)")
     add_factory_arguments(p, "server")
     add_common(p)
 
@@ -49,28 +53,37 @@ def run(args) -> int:
     variables = {"bind": args.bind, "checkpoint": args.checkpoint, "out": args.out,
                  "exit_on_eos": bool(args.exit_on_eos), "max_frames": args.max_frames,
                  "frames_from": args.frames_from, "secret_key": args.key, "allowed_keys": args.allowed_keys,
-                 "insecure": bool(args.insecure), "window": args.window, "live_window": args.live_window, "workers": args.workers}
-    if args.workers:
-        check_endpoint(args.workers, "--workers")
+                 "insecure": bool(args.insecure), "window": args.window, "live_window": args.live_window}
+    if args.ray is None and (args.ray_replicas is not None or args.ray_max_batch is not None):
+        raise UsageError("--ray-replicas/--ray-max-batch need --ray auto|HOST:PORT (the Ray Serve deployment)")
+    if args.ray is not None:
+        from stages.ray_compute import parse_address
+        parse_address(args.ray)  # a UsageError naming the value and the fix
+        variables.update({"ray": args.ray, "tasks": args.tasks})
+        for flag, name, value in (("--ray-replicas", "ray_replicas", args.ray_replicas),
+                                  ("--ray-max-batch", "ray_max_batch", args.ray_max_batch)):
+            if value is not None:
+                if value < 1:
+                    raise UsageError(f"{flag} {value}: give a whole number >= 1")
+                variables[name] = value
     plan = factory_plan(args, "server")  # --factory, --mqtt, ...: the factory graph (or fill --config's variables)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if plan is not None:
-        if args.workers and plan.config is not None:
-            raise UsageError("--workers with the factory options: the factory stages need the task results in this "
-                             "process (results.merge), which topology (b) leaves to the workers; drop --workers")
+        if args.ray is not None and plan.config is not None:
+            raise UsageError("--ray with the factory options: the factory graph runs the in-process server; drop "
+                             "--ray, or give --config a graph that feeds server.ray's results to the factory stages")
         if plan.config is not None:
             check_tasks_for_factory(tasks)
         variables.update(plan.variables)
-    default = plan.config if plan is not None and plan.config else ("server_workers" if args.workers else "server")
+    default = plan.config if plan is not None and plan.config else ("server_ray" if args.ray is not None else "server")
     spec = load(args.config or default, variables, threads=args.threads)
-    if not args.workers:
-        select_tasks(spec, tasks)
+    select_tasks(spec, tasks)  # the in-process consumers; server.ray takes --tasks as its `tasks` variable
     if plan is not None:
         plan.apply(spec)
     if args.pub:
         check_endpoint(args.pub, "--pub")
-        merges = [s.name for s in spec.stages if s.key == "results.merge"]
+        merges = [s.name for s in spec.stages if s.key in ("results.merge", "server.ray")]
         if not merges:
-            raise UsageError(f"--pub needs a results.merge stage in {spec.path} to publish from")
+            raise UsageError(f"--pub needs a results.merge or server.ray stage in {spec.path} to publish from")
         spec.stages.append(StageSpec("pub", "sink.zmq_pub", [merges[-1]], {"endpoint": args.pub}))
     return run_graph(spec, Path(args.out) / "server_summary.json", quiet=args.quiet)
