@@ -102,9 +102,6 @@ HELLO = Schema("hello", {"proto": Int(0, 255), "stream": U32, "session": Str(SES
 GOODBYE = Schema("goodbye", {"stream": U32})
 WELCOME = Schema("welcome", {"instance": Str(r"[0-9a-f]{1,64}"), "stream": U32, "next": Int(0, I64_MAX),
                              "window": Int(1, 65535), "session": Str(SESSION, required=False)})
-MAX_CAPACITY = 64
-READY = Schema("worker ready", {"capacity": Int(1, MAX_CAPACITY)})
-RESULT = Schema("worker result", max_bytes=4 * 1024 * 1024, max_depth=32, free=True, nullable=True)
 
 
 def _show(value: Any) -> str:
