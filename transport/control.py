@@ -1,4 +1,4 @@
-"""One gate for every control message (hello, goodbye, welcome, worker ready, worker results) and for what a
+"""One gate for every control message (hello, goodbye, welcome) and for what a
 receiver does with messages it refuses.
 
 Why: ``json.loads`` alone accepts what crashes or fools the code after it: ``1e400`` (a float infinity, on
@@ -84,7 +84,7 @@ def Choice(*choices, required: bool = True) -> Field:  # noqa: N802
 class Schema:
     """A control message: a JSON object with these ``fields`` (unknown keys are ignored, so a later version may
     add some; they still pass the size, depth and number checks), at most ``max_bytes`` long and ``max_depth``
-    deep. ``free``: any JSON object (or ``null`` with ``nullable``), e.g. a worker's result record."""
+    deep. ``free``: any JSON object (or ``null`` with ``nullable``) (a result record, say)."""
     name: str
     fields: dict[str, Field] = field(default_factory=dict)
     max_bytes: int = 4096
