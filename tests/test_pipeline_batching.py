@@ -394,3 +394,21 @@ def test_batched_decode_over_zeromq_acknowledges_every_frame_of_every_stream_onc
 def teardown_module(module):
     for key in ("test.numbers", "test.batcher", "test.packets"):
         unregister_stage(key)
+
+
+# --------------------------------------------------------------------------------------------- the server command
+def test_server_flags_set_the_decode_stage_and_bad_values_exit_2(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.graph import load_graph
+    dec = load_graph("server").stage("decode").params
+    assert (dec["max_batch"], dec["max_wait_ms"]) == (1, 5)  # the shipped default: no batching
+    dec = load_graph("server", {"max_batch": 8, "max_wait_ms": 2.5}).stage("decode").params
+    assert (dec["max_batch"], dec["max_wait_ms"]) == (8, 2.5)
+    base = ["server", "--bind", f"ipc://{tmp_path}/s.ipc", "--out", str(tmp_path / "out"), "--checkpoint", CKPT,
+            "--quiet"]
+    assert main([*base, "--max-batch", "0"]) == 2
+    assert "max_batch 0" in capsys.readouterr().err
+    assert main([*base, "--max-batch", "8", "--max-wait-ms", "-1"]) == 2
+    assert "max_wait_ms -1.0" in capsys.readouterr().err
+    assert main([*base, "--max-batch", "4", "--workers", f"ipc://{tmp_path}/w.ipc"]) == 2
+    assert "no server.decode stage" in capsys.readouterr().err

@@ -34,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=8, metavar="N", help="frames in flight per replayed stream (default 8; live streams get --live-window)")
     p.add_argument("--live-window", type=int, default=2, metavar="N",
                    help="frames in flight per live stream (default 2: each frame in flight adds a frame of latency)")
+    p.add_argument("--max-batch", type=int, default=1, metavar="N",
+                   help="decode up to N frames (from any streams) in one pass (default 1: each frame alone; "
+                        "8 pays with several streams, see README)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
+                   help="with --max-batch: wait at most MS milliseconds after a batch's first frame for more "
+                        "(default 5; every frame of the batch waits as long)")
     p.add_argument("--workers", default=None, metavar="ENDPOINT",
                    help="topology (b): bind ENDPOINT for worker processes (`run --config worker`) and hand each "
                         "frame to one of them instead of decoding here")
@@ -49,7 +55,8 @@ def run(args) -> int:
     variables = {"bind": args.bind, "checkpoint": args.checkpoint, "out": args.out,
                  "exit_on_eos": bool(args.exit_on_eos), "max_frames": args.max_frames,
                  "frames_from": args.frames_from, "secret_key": args.key, "allowed_keys": args.allowed_keys,
-                 "insecure": bool(args.insecure), "window": args.window, "live_window": args.live_window, "workers": args.workers}
+                 "insecure": bool(args.insecure), "window": args.window, "live_window": args.live_window, "workers": args.workers,
+                 "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}
     if args.workers:
         check_endpoint(args.workers, "--workers")
     plan = factory_plan(args, "server")  # --factory, --mqtt, ...: the factory graph (or fill --config's variables)
@@ -67,6 +74,7 @@ def run(args) -> int:
         select_tasks(spec, tasks)
     if plan is not None:
         plan.apply(spec)
+    _batching(spec, args)
     if args.pub:
         check_endpoint(args.pub, "--pub")
         merges = [s.name for s in spec.stages if s.key == "results.merge"]
@@ -74,3 +82,16 @@ def run(args) -> int:
             raise UsageError(f"--pub needs a results.merge stage in {spec.path} to publish from")
         spec.stages.append(StageSpec("pub", "sink.zmq_pub", [merges[-1]], {"endpoint": args.pub}))
     return run_graph(spec, Path(args.out) / "server_summary.json", quiet=args.quiet)
+
+
+def _batching(spec, args) -> None:
+    """--max-batch / --max-wait-ms for every server.decode stage of the graph: server.yaml takes them as its
+    variables; another graph (--factory, --config) that leaves a decode stage's batching unset gets them too. A
+    graph without a decode stage (--workers: the workers decode) cannot batch here: refused rather than ignored."""
+    decodes = [s for s in spec.stages if s.key == "server.decode"]
+    if args.max_batch != 1 and not decodes:
+        raise UsageError(f"--max-batch {args.max_batch}: graph {spec.path} has no server.decode stage to batch "
+                         f"(with --workers each worker decodes its own frames); drop --max-batch")
+    for s in decodes:
+        s.params.setdefault("max_batch", args.max_batch)
+        s.params.setdefault("max_wait_ms", args.max_wait_ms)
