@@ -8,6 +8,14 @@ a plain loop. *Pipeline*: the server graph (server.receive over a real ZeroMQ tc
 server.decode -> one consumer thread per task -> results.merge -> JSONL sink), fed by a PUSH socket as fast as it
 takes them. Prints frames per second of each and the overhead ratio (direct fps / pipeline fps; above 1.0 =
 pipeline slower).
+
+    .venv/bin/python benchmarks/pipeline_overhead.py --streams 1,4,8 --max-batch 8 [--max-wait-ms 5]
+
+*Batching* (``--streams``): the same server graph with server.decode at ``max_batch`` 1 and at ``--max-batch``,
+fed by 1, 4, 8 edge streams (EdgeClients over ZeroMQ tcp, frames spread round-robin over the streams), all graphs
+running in this process at the same thread counts; rounds alternate between the configurations (the order turns
+each round) so load from other processes hits them alike. Prints frames per second of each, the ratio batched /
+unbatched per stream count, and the mean batch size.
 """
 from __future__ import annotations
 
@@ -32,6 +40,10 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=256, help="conveyor frame size (default 256)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported (default 3)")
+    ap.add_argument("--streams", default=None, metavar="N,N,...",
+                    help="compare server.decode batching instead: these stream counts (e.g. 1,4,8)")
+    ap.add_argument("--max-batch", type=int, default=8, help="with --streams: the batched configuration (default 8)")
+    ap.add_argument("--max-wait-ms", type=float, default=5.0, help="with --streams: its max_wait_ms (default 5)")
     args = ap.parse_args(argv)
 
     from codec.api import DEFAULT_CHECKPOINT
@@ -60,6 +72,8 @@ def main(argv=None) -> int:
                                          enc.latent_shape, (w, h)), enc.payload)
 
     msgs = [pack(i, i) for i in range(len(encoded))]
+    if args.streams:
+        return batching(args, ckpt, codec, encoded, TASKS)
     from codec.api import EncodedFrame
     tasks = tuple(TASKS)
 
@@ -139,6 +153,87 @@ def main(argv=None) -> int:
     print(f"features per frame for a consumer process: {len(blob) / 1e6:.2f} MB, pickle+unpickle "
           f"{t_pickle * 1000:.1f} ms x {len(tasks)} consumers, against {1000 / fps_p:.1f} ms per frame in the "
           f"thread pipeline")
+    return 0
+
+
+def _free_endpoint() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def batching(args, ckpt: str, codec, encoded: list, tasks) -> int:
+    """Frames/s of the server graph at max_batch 1 and ``args.max_batch`` for each stream count, interleaved."""
+    import torch
+
+    from pipeline.graph import GraphRunner, parse_graph
+    from transport import wire
+    from transport.session import EdgeClient
+
+    counts = [int(x) for x in args.streams.split(",") if x.strip()]
+    configs = [(n, mb) for n in counts for mb in dict.fromkeys((1, args.max_batch))]
+    live: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, mb in configs:
+            ep = _free_endpoint()
+            spec = parse_graph({"name": f"batch{n}x{mb}", "stages": [
+                {"name": "receive", "key": "server.receive", "params": {"endpoint": ep, "checkpoint": ckpt,
+                                                                        "insecure": True}},
+                {"name": "decode", "key": "server.decode", "inputs": ["receive"],
+                 "params": {"checkpoint": ckpt, "max_batch": mb, "max_wait_ms": args.max_wait_ms}},
+                *({"name": t, "key": f"task.{t}", "inputs": ["decode"]} for t in tasks),
+                {"name": "merge", "key": "results.merge", "inputs": list(tasks)},
+                {"name": "jsonl", "key": "sink.jsonl", "inputs": ["merge"],
+                 "params": {"path": f"{tmp}/r{n}x{mb}.jsonl"}}]}, "<bench>")
+            runner = GraphRunner(spec, log=lambda m: None)
+            runner.open()
+            runner.start()
+            clients = [EdgeClient(ep, stream=s, fingerprint=codec.fingerprint, mode="replay", log=lambda m: None)
+                       for s in range(n)]
+            live[(n, mb)] = (runner, clients, [0] * n)
+
+        def push(cfg, total: int) -> float:
+            """``total`` frames spread round-robin over the configuration's streams; seconds until all are written."""
+            runner, clients, sent = live[cfg]
+            jsonl = runner.nodes["jsonl"].stats
+            target = jsonl.processed + total
+            t0 = time.perf_counter()
+            for k in range(total):
+                s = k % len(clients)
+                enc, (w, h) = encoded[k % len(encoded)]
+                clients[s].submit(sent[s], wire.pack(wire.WireHeader(s, sent[s], time.time_ns(), time.time_ns(),
+                                                                     codec.fingerprint, enc.latent_shape, (w, h)),
+                                                     enc.payload))
+                sent[s] += 1
+            while jsonl.processed < target:
+                time.sleep(0.002)
+            return time.perf_counter() - t0
+
+        for cfg in configs:
+            push(cfg, max(args.warmup, cfg[0]))
+        times: dict = {cfg: [] for cfg in configs}
+        for r in range(args.rounds):
+            for cfg in configs[r % len(configs):] + configs[:r % len(configs)]:
+                times[cfg].append(push(cfg, args.frames))
+        mean_batch = {}
+        for cfg, (runner, clients, sent) in live.items():
+            for s, cl in enumerate(clients):
+                cl.finish(sent[s], timeout_s=30)
+                cl.close()
+            runner.stop.set()
+            runner.wait()
+            ex = runner.stats()["decode"].extra
+            mean_batch[cfg] = ex["batched"] / ex["batches"] if ex.get("batches") else 1.0
+    fps = {cfg: args.frames / float(np.median(t)) for cfg, t in times.items()}
+    runtime = "onnxruntime" if getattr(codec, "server_runtime", None) is not None else "torch"
+    print(f"checkpoint {ckpt}  input {codec.input_size}px  server runtime {runtime}  torch threads "
+          f"{torch.get_num_threads()}  {args.frames} frames per round, median of {args.rounds} interleaved rounds, "
+          f"max_wait_ms {args.max_wait_ms:g}")
+    print(f"{'streams':>7}  {'max_batch 1':>12}  {f'max_batch {args.max_batch}':>12}  {'ratio':>6}  mean batch")
+    for n in counts:
+        a, b = fps[(n, 1)], fps[(n, args.max_batch)]
+        print(f"{n:>7}  {a:8.2f} fps  {b:8.2f} fps  {b / a:6.2f}  {mean_batch[(n, args.max_batch)]:.2f}")
     return 0
 
 

@@ -66,11 +66,37 @@ class Features:
                 self._raw[task] = compute()
             return _copied(self._raw[task])
 
+    def split(self) -> list["Features"]:
+        """One Features per frame of this batch, in order (a batch of one: itself): every cache tensor and every
+        memoised raw head output (a tensor, or tuples, lists and dicts of them, e.g. what an onnxruntime server
+        runtime prefilled) sliced ``[i:i+1]`` along dim 0, so each frame's heads run (or are post-processed) on
+        that frame alone, with the same results as on the batch. The slices are views of the batch's tensors (no
+        copy; pickling one would write the whole batch's storage). Tensors whose first dimension is not the batch
+        are shared as they are."""
+        if self.batch == 1:
+            return [self]
+        with self._guard:
+            raw = dict(self._raw)
+        return [Features({k: _row(v, i, self.batch) for k, v in self.cache.items()}, 1,
+                         {t: _row(r, i, self.batch) for t, r in raw.items()}) for i in range(self.batch)]
+
     def __getstate__(self) -> dict:  # picklable (to ship features to another process): locks are per process
         return {"cache": self.cache, "batch": self.batch, "_raw": dict(self._raw)}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["cache"], state["batch"], state["_raw"])
+
+
+def _row(x: Any, i: int, n: int) -> Any:
+    """Row ``i`` of a batch of ``n`` (kept as a batch of one) for every tensor or array whose dim 0 is the batch,
+    through tuples, lists and dicts; anything else unchanged."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return x[i:i + 1] if x.ndim >= 1 and x.shape[0] == n else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_row(r, i, n) for r in x)
+    if isinstance(x, dict):
+        return {k: _row(v, i, n) for k, v in x.items()}
+    return x
 
 
 def _copied(raw: Any) -> Any:
@@ -222,22 +248,27 @@ class SplitCodec(_EntropyCoding):
         if not encoded:
             raise CodecError("decode() needs at least one EncodedFrame")
         for i, e in enumerate(encoded):
-            if not isinstance(e, EncodedFrame):
-                raise CodecError(f"item {i} is a {type(e).__name__}, expected EncodedFrame")
-            if e.fingerprint is not None and e.fingerprint != self.fingerprint:
-                raise ForeignBitstreamError(
-                    f"payload {i} was made by model {e.fingerprint.hex()}, this decoder holds the CDF tables of "
-                    f"{self.fingerprint.hex()}; load the checkpoint the edge uses")
-            if tuple(e.latent_shape) != self.latent_shape:
-                raise CodecError(f"payload {i} declares latent shape {tuple(e.latent_shape)}, "
-                                 f"expected {self.latent_shape}")
-            if not e.payload:
-                raise CodecError(f"payload {i} is empty")
+            self.check_encoded(e, i)
         try:
             symbols = self.coder.decompress([e.payload for e in encoded], self.latent_shape)
         except (ValueError, RuntimeError) as exc:
             raise CodecError(f"payload does not decode with the {self.entropy_coder} coder: {exc}") from exc
         return latent_from_symbols(self.entropy_bottleneck, symbols)
+
+    def check_encoded(self, e: EncodedFrame, i: int = 0) -> None:
+        """The checks ``decode`` makes on each payload before decoding (type, model fingerprint, latent shape, not
+        empty); CodecError naming item ``i`` otherwise. A payload that passes may still fail to entropy-decode."""
+        if not isinstance(e, EncodedFrame):
+            raise CodecError(f"item {i} is a {type(e).__name__}, expected EncodedFrame")
+        if e.fingerprint is not None and e.fingerprint != self.fingerprint:
+            raise ForeignBitstreamError(
+                f"payload {i} was made by model {e.fingerprint.hex()}, this decoder holds the CDF tables of "
+                f"{self.fingerprint.hex()}; load the checkpoint the edge uses")
+        if tuple(e.latent_shape) != self.latent_shape:
+            raise CodecError(f"payload {i} declares latent shape {tuple(e.latent_shape)}, "
+                             f"expected {self.latent_shape}")
+        if not e.payload:
+            raise CodecError(f"payload {i} is empty")
 
     @torch.no_grad()
     def head(self, task: str, features: Features, conf: float = 0.25) -> list:

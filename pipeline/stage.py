@@ -9,6 +9,15 @@ A stage is a class with a registry key and three methods::
         def process(self, msg): ...             # one message in -> None, one message, or a list of messages
         def close(self): ...                    # flush; may return final messages
 
+A stage that works faster on several messages at once (the server's decode: one decoder + body pass for frames
+of several streams) sets ``max_batch`` > 1 (and ``max_wait_ms``) and implements ``process_batch(msgs)``: one
+output (None, a message or a list, as ``process`` returns) per input, in input order. The runtime
+(:mod:`pipeline.graph`) takes the first queued message, then whatever else is queued or arrives within
+``max_wait_ms``, up to ``max_batch``, and emits the outputs in input order. If ``process_batch`` raises, the
+runtime processes the same messages one by one with ``process`` (so a bad message loses only itself, with the
+usual error semantics): ``process_batch`` should leave side effects (losing a frame, counting an error) until
+it can no longer fail. ``max_batch`` 1, the default, never batches.
+
 A :class:`Source` has no inputs; it implements ``frames()`` (an iterator of messages) instead of
 ``process``. Messages are the small dataclasses below; a stage declares the types it ``accepts`` and ``emits``,
 and a graph that feeds a stage a type it does not accept is refused when it is parsed (``pipeline.graph``).
@@ -223,6 +232,11 @@ class Stage:
     commits: bool = False
     #: its ``codec`` attribute is the graph's codec (``ctx.codec()``: class names for results and drawings)
     provides_codec: ClassVar[bool] = False
+    #: dynamic batching (may be set per instance, read once when the graph is built): at most this many messages
+    #: go to one ``process_batch`` call; 1 (the default) calls ``process`` per message
+    max_batch: int = 1
+    #: how long to wait for more messages after the first of a batch (milliseconds) before processing fewer
+    max_wait_ms: float = 0.0
 
     ctx: StageContext
 
@@ -230,6 +244,12 @@ class Stage:
         self.ctx = ctx
 
     def process(self, msg: Any) -> Any:
+        raise NotImplementedError
+
+    def process_batch(self, msgs: list) -> list:
+        """Several messages at once (only called when ``max_batch`` > 1): one output per input (None, a message or
+        a list of messages, as ``process`` returns), in the same order. Raising makes the runtime redo them one by
+        one with ``process``. A stage that sets ``max_batch`` implements it."""
         raise NotImplementedError
 
     def close(self) -> Any:

@@ -123,9 +123,8 @@ class SplitServer:
 
 
 def _one(feats, k: int):
-    """Frame ``k`` of a batch of shared-body features."""
-    from codec.api import Features
-    return Features({layer: t[k:k + 1] for layer, t in feats.cache.items()}, 1)
+    """Frame ``k`` of a batch of shared-body features (the torch cache or the onnxruntime outputs)."""
+    return feats.split()[k]
 
 
 def deployment(num_replicas=1, min_replicas=None, max_replicas=None, max_batch_size=8, num_cpus=1.0, num_gpus=0.0,

@@ -12,6 +12,10 @@ from core.geometry import letterbox_params
 from transport import wire
 
 
+MAX_BATCH = 256  # frames per server.decode batch: far above what pays on a CPU, a guard against typos
+MAX_WAIT_MS = 1000.0  # a batch waits at most this long for more frames (every frame in it waits as long)
+
+
 def _number(value, name: str, kind: type, lo: float, what: str):
     """``value`` as ``kind`` (int or float), at least ``lo``; a UsageError naming the parameter otherwise."""
     from core.errors import UsageError
@@ -254,35 +258,93 @@ class Delay(Stage):
 
 @register_stage
 class ServerDecode(Stage):
-    """Packet -> Features: entropy decode, decoder and shared body, once per frame (codec.decode)."""
+    """Packet -> Features: entropy decode, decoder and shared body, once per frame (codec.decode).
+
+    Dynamic batching across streams: ``max_batch`` > 1 decodes up to that many frames (from any streams) in one
+    ``codec.decode`` call, waiting at most ``max_wait_ms`` after the first for more to arrive (the runtime gathers
+    them, :mod:`pipeline.graph`), then emits one Features per frame in the order received, so each stream keeps
+    its order, and each frame keeps its own envelope and completion handle. A frame that fails the codec's checks
+    or does not entropy-decode is lost alone, as without batching. A batched frame's ``decode`` timing is its share
+    of the batch, the call's time divided by the frames in it (not the time it waited for the batch to fill).
+    ``max_batch`` 1 (the default) decodes each frame alone, as soon as it arrives."""
     key = "server.decode"
     accepts = (Packet,)
     emits = (Features,)
     runs_model = True
     provides_codec = True  # ctx.codec() of the graph's other stages: the class names of its results
 
-    def __init__(self, checkpoint=None):
+    def __init__(self, checkpoint=None, max_batch=1, max_wait_ms=5.0):
+        from core.errors import UsageError
         self.checkpoint = checkpoint
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
+            raise UsageError(f"server.decode max_batch {max_batch!r}: give the most frames to decode at once, an "
+                             f"integer 1..{MAX_BATCH} (1: no batching; e.g. --max-batch 8)")
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) \
+                or not (math.isfinite(max_wait_ms) and 0 <= max_wait_ms <= MAX_WAIT_MS):
+            raise UsageError(f"server.decode max_wait_ms {max_wait_ms!r}: give the milliseconds to wait for more "
+                             f"frames after the first of a batch, 0..{MAX_WAIT_MS:g} (e.g. --max-wait-ms 5)")
+        self.max_batch, self.max_wait_ms = max_batch, float(max_wait_ms)
 
     def open(self, ctx) -> None:
         super().open(ctx)
         self.codec = get_codec(self.checkpoint)
         self._lb: dict[tuple[int, int], object] = {}
 
-    def process(self, p: Packet):
-        from codec.api import CodecError, EncodedFrame
+    def _encoded(self, p: Packet):
+        """The packet's wire header and its payload as the codec takes it."""
+        from codec.api import EncodedFrame
         h = p.header if p.header is not None else wire.unpack(p.data, self.codec.fingerprint)[0]
         payload = p.payload if p.payload is not None else wire.unpack(p.data)[1]
-        try:
-            feats = self.codec.decode([EncodedFrame(bytes(payload), tuple(h.latent_shape), h.fingerprint)])
-        except CodecError as exc:
-            self.ctx.stats.errors += 1
-            self.ctx.log(f"[{self.ctx.name}] stream {p.stream} frame {p.index}: cannot decode: {exc}")
-            p.meta.lose(f"cannot decode: {exc}")  # finished without a result: acknowledged, not resent forever
-            return None
+        return h, EncodedFrame(bytes(payload), tuple(h.latent_shape), h.fingerprint)
+
+    def _undecodable(self, p: Packet, exc: Exception) -> None:
+        self.ctx.stats.errors += 1
+        self.ctx.log(f"[{self.ctx.name}] stream {p.stream} frame {p.index}: cannot decode: {exc}")
+        p.meta.lose(f"cannot decode: {exc}")  # finished without a result: acknowledged, not resent forever
+
+    def _features(self, p: Packet, h, feats) -> Features:
         key = h.orig_size
         lb = self._lb.get(key)
         if lb is None:
             lb = self._lb[key] = letterbox_params(h.orig_size[0], h.orig_size[1], self.codec.input_size)
         meta = p.meta.derive(sent_ns=h.sent_ns, received_ns=p.received_ns or time.time_ns())
         return Features(meta, len(p.data), tuple(h.latent_shape), lb, feats, p.image)
+
+    def process(self, p: Packet):
+        from codec.api import CodecError
+        h, enc = self._encoded(p)
+        try:
+            feats = self.codec.decode([enc])
+        except CodecError as exc:
+            self._undecodable(p, exc)
+            return None
+        return self._features(p, h, feats)
+
+    def process_batch(self, packets: list[Packet]) -> list:
+        """Frames of any streams -> one Features each (None for a frame lost here), in order: one codec.decode
+        for the frames that pass the codec's checks, split per frame. When the batch does not entropy-decode
+        (a corrupt payload), each of its frames is decoded alone, so only the bad one is lost."""
+        from codec.api import CodecError
+        items = [self._encoded(p) for p in packets]  # a wire error raises: the runtime redoes them one by one
+        good, bad = [], []
+        for i, (_, enc) in enumerate(items):
+            try:
+                self.codec.check_encoded(enc)
+                good.append(i)
+            except CodecError as exc:
+                bad.append((i, exc))
+        out: list = [None] * len(packets)
+        if good:
+            try:
+                feats = self.codec.decode([items[i][1] for i in good]).split()
+            except CodecError:
+                feats = None
+            if feats is None:
+                for i in good:
+                    out[i] = self.process(packets[i])
+            else:
+                for i, f in zip(good, feats):
+                    out[i] = self._features(packets[i], items[i][0], f)
+        for i, exc in bad:  # side effects last: nothing above raised, the runtime will not redo these frames
+            self._undecodable(packets[i], exc)
+        return out

@@ -41,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --ray: replicas of the deployment (default 1; the graph's ray_max_replicas autoscales)")
     p.add_argument("--ray-max-batch", type=int, default=None, metavar="N",
                    help="with --ray: frames per forward pass, batched across streams (default 8)")
+    p.add_argument("--max-batch", type=int, default=1, metavar="N",
+                   help="decode up to N frames (from any streams) in one pass (default 1: each frame alone; "
+                        "8 pays with several streams, see README)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
+                   help="with --max-batch: wait at most MS milliseconds after a batch's first frame for more "
+                        "(default 5; every frame of the batch waits as long)")
     add_factory_arguments(p, "server")
     add_common(p)
 
@@ -53,7 +59,8 @@ def run(args) -> int:
     variables = {"bind": args.bind, "checkpoint": args.checkpoint, "out": args.out,
                  "exit_on_eos": bool(args.exit_on_eos), "max_frames": args.max_frames,
                  "frames_from": args.frames_from, "secret_key": args.key, "allowed_keys": args.allowed_keys,
-                 "insecure": bool(args.insecure), "window": args.window, "live_window": args.live_window}
+                 "insecure": bool(args.insecure), "window": args.window, "live_window": args.live_window,
+                 "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}
     if args.ray is None and (args.ray_replicas is not None or args.ray_max_batch is not None):
         raise UsageError("--ray-replicas/--ray-max-batch need --ray auto|HOST:PORT (the Ray Serve deployment)")
     if args.ray is not None:
@@ -80,6 +87,7 @@ def run(args) -> int:
     select_tasks(spec, tasks)  # the in-process consumers; server.ray takes --tasks as its `tasks` variable
     if plan is not None:
         plan.apply(spec)
+    _batching(spec, args)
     if args.pub:
         check_endpoint(args.pub, "--pub")
         merges = [s.name for s in spec.stages if s.key in ("results.merge", "server.ray")]
@@ -87,3 +95,16 @@ def run(args) -> int:
             raise UsageError(f"--pub needs a results.merge or server.ray stage in {spec.path} to publish from")
         spec.stages.append(StageSpec("pub", "sink.zmq_pub", [merges[-1]], {"endpoint": args.pub}))
     return run_graph(spec, Path(args.out) / "server_summary.json", quiet=args.quiet)
+
+
+def _batching(spec, args) -> None:
+    """--max-batch / --max-wait-ms for every server.decode stage of the graph: server.yaml takes them as its
+    variables; another graph (--factory, --config) that leaves a decode stage's batching unset gets them too. A
+    graph without a decode stage (--ray: the replicas decode) cannot batch here: refused rather than ignored."""
+    decodes = [s for s in spec.stages if s.key == "server.decode"]
+    if args.max_batch != 1 and not decodes:
+        raise UsageError(f"--max-batch {args.max_batch}: graph {spec.path} has no server.decode stage to batch "
+                         f"(with --ray the replicas batch: --ray-max-batch); drop --max-batch")
+    for s in decodes:
+        s.params.setdefault("max_batch", args.max_batch)
+        s.params.setdefault("max_wait_ms", args.max_wait_ms)
