@@ -118,7 +118,7 @@ def test_unknown_set_variable_is_named_with_the_known_ones(graph, tmp_path):
     assert "known: " in line and "rate" in line and "source" in line
     one_error_line(run_cli(tmp_path, "--config", str(graph), "--set", "no equals sign"), "NAME=VALUE")
     assert graph_variables(str(graph)) == {"source", "rate"}
-    assert {"connect", "secret_key", "server_key", "insecure"} <= graph_variables("worker")  # README's --set
+    assert {"connect", "secret_key", "server_key", "insecure"} <= graph_variables("edge")  # README's --set
 
 
 # --------------------------------------------------------------------------------------------- keys

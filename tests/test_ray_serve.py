@@ -21,7 +21,7 @@ psutil = pytest.importorskip("psutil")
 CKPT = "random:64"
 N = 30  # frames per stream
 TASKS = ("detection", "segmentation", "classification")
-RAY = str(Path(PY).parent / "ray")
+RAY = [PY, "-m", "ray.scripts.scripts"]  # the `ray` CLI, not through a console script's #! line
 
 
 def _env() -> dict:
@@ -56,9 +56,9 @@ def _start_cluster(second_node: bool):
     tmp = tempfile.mkdtemp(prefix="ladon-ray-")
     port = free_port()
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    head = [RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+    head = [*RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
             f"--temp-dir={tmp}", "--object-store-memory=100000000", *common]
-    node = [RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--object-store-memory=80000000",
+    node = [*RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--object-store-memory=80000000",
             f"--dashboard-agent-listen-port={free_port()}", *common]
     try:
         for argv in (head, node) if second_node else (head,):

@@ -64,8 +64,6 @@ def run(args) -> int:
     if args.ray is None and (args.ray_replicas is not None or args.ray_max_batch is not None):
         raise UsageError("--ray-replicas/--ray-max-batch need --ray auto|HOST:PORT (the Ray Serve deployment)")
     if args.ray is not None:
-        from stages.ray_compute import parse_address
-        parse_address(args.ray)  # a UsageError naming the value and the fix
         variables.update({"ray": args.ray, "tasks": args.tasks})
         for flag, name, value in (("--ray-replicas", "ray_replicas", args.ray_replicas),
                                   ("--ray-max-batch", "ray_max_batch", args.ray_max_batch)):
