@@ -95,7 +95,7 @@ def source_identity(stage) -> str | None:
 
 @register_stage
 class EdgeSend(Stage):
-    """Packet -> ZeroMQ DEALER with credits and acks (transport.session.EdgeClient), one link per stream.
+    """Packet -> ZeroMQ DEALER with credits and acks (transport.edge_session.EdgeClient), one link per stream.
 
     Replay packets are kept until the server acknowledges them (resent after a server restart); live packets go
     through a short queue of the newest frames (``policy`` drop-oldest / drop-newest, drops counted). tcp://
@@ -115,7 +115,7 @@ class EdgeSend(Stage):
                  heartbeat_s: float = 0.5, resume: bool = True):
         from transport.link import check_endpoint
         from transport.security import client_security
-        from transport.session import POLICIES
+        from transport.protocol import POLICIES
         check_endpoint(endpoint, "edge.send endpoint")
         if bind:
             raise UsageError("edge.send: `bind: true` is not supported (the edge connects; the server binds)")
@@ -162,7 +162,7 @@ class EdgeSend(Stage):
         return source_identity(found[0]) if len(found) == 1 else None
 
     def _client(self, p: Packet):
-        from transport.session import EdgeClient
+        from transport.edge_session import EdgeClient
         cl = self.clients.get(p.stream)
         if cl is None:
             fp = wire.unpack(p.data)[0].fingerprint
@@ -175,7 +175,7 @@ class EdgeSend(Stage):
         return cl
 
     def process(self, p: Packet):
-        from transport.session import LinkTimeout, Refused
+        from transport.protocol import LinkTimeout, Refused
         cl = self._client(p)
         try:
             ok = cl.submit(p.index, p.data)

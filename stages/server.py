@@ -30,7 +30,7 @@ def _number(value, name: str, kind: type, lo: float, what: str):
 
 @register_stage
 class ServerReceive(Source):
-    """Receive frames over ZeroMQ ROUTER (transport.session): wire checks, model fingerprint and latent shape,
+    """Receive frames over ZeroMQ ROUTER (transport.server_session): wire checks, model fingerprint and latent shape,
     replay/duplicate checks, credits; emit Packets in arrival order (each stream in order).
 
     Refused messages are counted per kind and each kind logged once with its sender. Each Packet carries its
@@ -42,7 +42,7 @@ class ServerReceive(Source):
     otherwise run until stopped. tcp:// needs the server key pair (``secret_key``) and a folder of allowed edge
     public keys (``allowed_keys``) unless ``insecure``.
 
-    Limits (transport.session.ServerSession): ``max_payload`` bytes per frame, ``max_frame_side`` pixels for the
+    Limits (transport.server_session.ServerSession): ``max_payload`` bytes per frame, ``max_frame_side`` pixels for the
     original frame's width and height a frame may declare (default 4096: the video sink and the result mapping
     work at that size), ``window`` frames in flight per stream; a stream belongs to the key that opened it
     (``owner_timeout_s``: how long its owner may be silent before another key can take it over).
@@ -104,7 +104,7 @@ class ServerReceive(Source):
         import numpy as np
 
         from transport.runs import RunLedger
-        from transport.session import ServerSession
+        from transport.server_session import ServerSession
         super().open(ctx)
         self.codec = get_codec(self.checkpoint, edge_only=True)  # the fingerprint and latent shape suffice
         size = int(self.codec.input_size)

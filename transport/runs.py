@@ -1,6 +1,6 @@
 """The server session's record of runs and finished frames: what it acknowledges, and where a run resumes.
 
-:class:`RunLedger` is the interface the transport owns between a :class:`transport.session.ServerSession` and
+:class:`RunLedger` is the interface the transport owns between a :class:`transport.server_session.ServerSession` and
 whatever finishes frames. The session registers each run (``next_for``, ``run_info``, ``end``, ``forget``,
 ``owner_of``) and each accepted frame (``admit``); whoever finishes a frame calls ``done`` (in a pipeline, the
 frame's completion handle does), which queues its acknowledgement on :attr:`RunLedger.queue` for the session to
