@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -85,7 +86,8 @@ def export_server(codec, path: str | Path, check_frames: np.ndarray | None = Non
     try:
         for p in graph.parameters():
             p.requires_grad_(False)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's tracer notes (shapes fixed per input size: intended)
             torch.onnx.export(graph, (latent[:1],), str(tmp), input_names=["latent"], output_names=list(tasks),
                               dynamic_axes={"latent": {0: "batch"}, **{t: {0: "batch"} for t in tasks}},
                               opset_version=17, dynamo=False)
