@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.commands._common import add_common, check_max_frames, list_stages, load, run_graph
+from pipeline.graph import StageSpec
 from core.errors import UsageError
 from transport.link import check_endpoint
 
@@ -28,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="allow a tcp link without encryption or authentication (a warning is printed)")
     p.add_argument("--policy", default="drop-oldest", choices=["drop-oldest", "drop-newest"],
                    help="live sources: which frame to drop when the link or the server falls behind")
+    p.add_argument("--metrics-port", default=None, metavar="[HOST:]PORT",
+                   help="serve Prometheus /metrics of this edge (frames, bytes, encode time, link drops and "
+                        "queues) on HOST:PORT (default host 127.0.0.1)")
     p.add_argument("--live-queue", type=int, default=2, metavar="N",
                    help="live sources: frames waiting for credit on the edge (default 2)")
     add_common(p, out=False)
@@ -51,4 +55,11 @@ def run(args) -> int:
     if args.source is not None:
         variables["source"] = args.source
     spec = load(args.config or "edge", variables, threads=args.threads)
+    if args.metrics_port is not None:
+        from pipeline.commands._factory import host_port
+        host, port = host_port(args.metrics_port, "127.0.0.1", None, "--metrics-port")
+        encoders = [st.name for st in spec.stages if st.key == "edge.encode"]
+        if not encoders:
+            raise UsageError(f"--metrics-port: graph {spec.path} has no edge.encode stage to measure")
+        spec.stages.append(StageSpec("metrics", "sink.metrics", [encoders[-1]], {"host": host, "port": port}))
     return run_graph(spec, None, quiet=args.quiet)

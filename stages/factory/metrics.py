@@ -18,10 +18,11 @@ Each stage instance has its own registry, so two graphs in one process do not co
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from core.errors import UsageError
-from pipeline.stage import FrameResult, Stage, register_stage
+from pipeline.stage import FrameResult, Packet, Stage, register_stage
 
 DEFAULT_BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
@@ -55,9 +56,11 @@ class _GraphCollector:
 
 
 class MetricsSink(Stage):
-    """Prometheus /metrics: frames, bytes, per-stage latency, counts per class, events, queue depths, drops."""
+    """Prometheus /metrics: frames, bytes, per-stage latency, counts per class, events, queue depths, drops.
+    On the server after results (FrameResults); on the edge after ``edge.encode`` (Packets: frames encoded, bytes
+    sent, encode time, capture-to-encoded latency; drops and queues of the link from the runtime)."""
     key = "sink.metrics"
-    accepts = (FrameResult,)
+    accepts = (FrameResult, Packet)
 
     def __init__(self, port: int = 9108, host: str = "127.0.0.1", namespace: str = "ladon",
                  buckets_ms: list[float] | None = None):
@@ -111,7 +114,9 @@ class MetricsSink(Stage):
         ctx.stats.extra["port"] = self.bound_port
         ctx.log(f"[{ctx.name}] Prometheus metrics on http://{self.host}:{self.bound_port}/metrics")
 
-    def process(self, fr: FrameResult) -> None:
+    def process(self, fr: FrameResult | Packet) -> None:
+        if isinstance(fr, Packet):
+            return self._edge_frame(fr)
         s = str(fr.stream)
         self.frames.labels(s).inc()
         self.bytes.labels(s).inc(fr.wire_bytes)
@@ -133,6 +138,19 @@ class MetricsSink(Stage):
                 self.idle.labels(s).set(1)
             elif ev.get("type") == "line.running":
                 self.idle.labels(s).set(0)
+
+    def _edge_frame(self, p: Packet) -> None:
+        """An encoded frame on the edge: counted, its wire bytes, its stages' times, capture to encoded."""
+        if p.eos:
+            return
+        s = str(p.stream)
+        self.frames.labels(s).inc()
+        self.bytes.labels(s).inc(len(p.data))
+        for stage, ms in p.timings.items():
+            if isinstance(ms, (int, float)):
+                self.stage_latency.labels(stage).observe(float(ms) / 1000.0)
+        if p.capture_ns:
+            self.frame_latency.observe(max(0.0, (time.time_ns() - p.capture_ns) / 1e9))
 
     def close(self) -> None:
         server = getattr(self, "server", None)
