@@ -87,27 +87,25 @@ class Features:
         self.__init__(state["cache"], state["batch"], state["_raw"])
 
 
-def _row(x: Any, i: int, n: int) -> Any:
-    """Row ``i`` of a batch of ``n`` (kept as a batch of one) for every tensor or array whose dim 0 is the batch,
-    through tuples, lists and dicts; anything else unchanged."""
+def _map_arrays(x: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` applied to every tensor or array in ``x``, through tuples, lists and dicts; anything else unchanged."""
     if isinstance(x, (torch.Tensor, np.ndarray)):
-        return x[i:i + 1] if x.ndim >= 1 and x.shape[0] == n else x
+        return fn(x)
     if isinstance(x, (list, tuple)):
-        return type(x)(_row(r, i, n) for r in x)
+        return type(x)(_map_arrays(r, fn) for r in x)
     if isinstance(x, dict):
-        return {k: _row(v, i, n) for k, v in x.items()}
+        return {k: _map_arrays(v, fn) for k, v in x.items()}
     return x
 
 
+def _row(x: Any, i: int, n: int) -> Any:
+    """Row ``i`` of a batch of ``n`` (kept as a batch of one) for every tensor or array whose dim 0 is the batch."""
+    return _map_arrays(x, lambda a: a[i:i + 1] if a.ndim >= 1 and a.shape[0] == n else a)
+
+
 def _copied(raw: Any) -> Any:
-    """``raw`` with every tensor cloned (lists, tuples and dicts rebuilt around them)."""
-    if isinstance(raw, torch.Tensor):
-        return raw.clone()
-    if isinstance(raw, (list, tuple)):
-        return type(raw)(_copied(r) for r in raw)
-    if isinstance(raw, dict):
-        return {k: _copied(v) for k, v in raw.items()}
-    return raw
+    """``raw`` with every tensor cloned (NMS may rewrite what it is given)."""
+    return _map_arrays(raw, lambda a: a.clone() if isinstance(a, torch.Tensor) else a.copy())
 
 
 def model_fingerprint(spec: StudentSpec, input_size: int, teacher_yaml: dict, eb: EntropyBottleneck,
