@@ -27,7 +27,26 @@ def targets(rows, comparisons, default_name, dev, lat) -> dict:
         jpeg = next(v for k, v in lat["total_s"].items() if k.startswith("offload JPEG"))[i]
         red = 1 - split / jpeg
         out["latency_reduction_vs_jpeg_at_5mbps"] = {"reduction": red, "want_at_least": 0.8, "met": red >= 0.8}
+        out["latency_vs_jpeg_at_5mbps"] = {"split_s": split, "jpeg_s": jpeg, "met": split <= jpeg}
+    sc = lat["scenarios"]
+    s_split = next(v for k, v in sc.items() if k.startswith("split"))
+    s_jpeg = next(v for k, v in sc.items() if k.startswith("offload JPEG"))
+    out["split_wins_vs_jpeg"] = crossover_mbps(s_split, s_jpeg)
     return out
+
+
+def crossover_mbps(split: dict, other: dict) -> dict:
+    """Where ``split`` has the lower modelled latency than ``other`` (scenarios: device_s, bytes, server_s):
+    ``below_mbps`` (it wins on any link slower than this), or ``every_bandwidth`` / ``no_bandwidth``."""
+    fixed = (split["device_s"] + split["server_s"]) - (other["device_s"] + other["server_s"])
+    saved_bits = 8 * (other["bytes"] - split["bytes"])
+    if saved_bits > 0 and fixed <= 0:
+        return {"every_bandwidth": True}
+    if saved_bits <= 0 and fixed >= 0:
+        return {"no_bandwidth": True}
+    if saved_bits > 0:
+        return {"below_mbps": saved_bits / fixed / 1e6}
+    return {"above_mbps": saved_bits / fixed / 1e6}
 
 
 def plots(result: dict, out: Path) -> list[str]:
@@ -112,6 +131,14 @@ def markdown(r: dict) -> str:
         t = tg["latency_reduction_vs_jpeg_at_5mbps"]
         L.append(f"| latency at 5 Mbit/s, reduction vs JPEG offload | {100 * t['reduction']:.1f} % | >= 80 % | "
                  f"{'yes' if t['met'] else 'no'} |")
+        t = tg["latency_vs_jpeg_at_5mbps"]
+        L.append(f"| latency at 5 Mbit/s, split vs JPEG offload | {1e3 * t['split_s']:.1f} vs {1e3 * t['jpeg_s']:.1f} "
+                 f"ms | split <= JPEG | {'yes' if t['met'] else 'no'} |")
+    if "split_wins_vs_jpeg" in tg:
+        w = tg["split_wins_vs_jpeg"]
+        where = ("every bandwidth" if w.get("every_bandwidth") else "no bandwidth" if w.get("no_bandwidth") else
+                 f"below {w['below_mbps']:.1f} Mbit/s" if "below_mbps" in w else f"above {w['above_mbps']:.1f} Mbit/s")
+        L.append(f"| where split beats JPEG offload on latency (model) | {where} | - | - |")
     L += ["", "Equal accuracy: the cheapest setting of the baseline whose box mAP50-95, mIoU and top-1 are all within "
           "1 point of the split model's (per-task matches are in `results.json` under `comparisons`). A ratio below 1 "
           "means the split model sends fewer bytes.",
@@ -153,8 +180,18 @@ def markdown(r: dict) -> str:
           f"| JPEG encode q{dev['jpeg_quality']} (OpenCV) | | | {1e3 * dev['jpeg_encode_s']:.2f} | |",
           f"| H.264 encode crf{dev['h264_crf']} (libx264, per frame of the stream) | | | "
           f"{1e3 * dev['h264_encode_s']:.2f} | |",
-          f"| server: decode + shared body + 3 heads (split) | | | {1e3 * dev['server_split_s_1thread']:.2f} | "
-          f"{1e3 * dev['server_split_s_default']:.2f} |", ""]
+          f"| server: decode + shared body + 3 heads (split, {dev.get('server_runtime', 'torch')}) | | | "
+          f"{1e3 * dev['server_split_s_1thread']:.2f} | {1e3 * dev['server_split_s_default']:.2f} |"]
+    for key, label in (("server_split_torch", "server: the same on eager PyTorch (split)"),
+                       ("shared_multitask_onnx", "server for offload: the teachers on a decoded frame, onnxruntime")):
+        if f"{key}_s_1thread" in dev:
+            L.append(f"| {label} | | | {1e3 * dev[f'{key}_s_1thread']:.2f} | {1e3 * dev[f'{key}_s_default']:.2f} |")
+    best_teachers = min(dev[f"{k}_s_1thread"] for k in ("shared_multitask", "shared_multitask_onnx")
+                        if f"{k}_s_1thread" in dev)
+    L += ["", "Server rows and the shared-backbone row are timed interleaved (turn by turn) at the same thread count. "
+          f"Split server at 1 thread: {dev['server_split_s_1thread'] / best_teachers:.2f}x the teachers on a "
+          "decoded frame (their faster runtime); the split decoder has more MACs than the teachers' stem it "
+          "replaces.", ""]
     if "edge_process" in dev:
         e, lo = dev["edge_process"], dev["local_process"]
         L += ["Each device process measured alone (its own VmHWM, one thread):", "",

@@ -86,6 +86,10 @@ def test_quick_bench_numbers_are_sane(quick_bench):
     dev = res["device"]
     assert dev["encoder_params"] > 0 and dev["encoder_macs"] > 0
     assert 0 < dev["encode_s_1thread"] < dev["three_models_s_1thread"]
+    # the server paths, timed side by side: the deployed runtime, eager PyTorch, the teachers on both runtimes
+    assert dev["server_runtime"] in ("onnxruntime", "torch")
+    for key in ("server_split", "server_split_torch", "shared_multitask", "shared_multitask_onnx"):
+        assert dev[f"{key}_s_1thread"] > 0 and dev[f"{key}_s_default"] > 0, key
     lat = res["latency"]
     for vals in lat["total_s"].values():
         assert all(a >= b - 1e-12 for a, b in zip(vals, vals[1:]))  # more bandwidth, never slower
@@ -107,10 +111,19 @@ def test_bad_checkpoint_is_a_usage_error(tmp_path):
 
 def test_latency_model_and_media_units():
     from benchmarks.latency import latency_model
+    from benchmarks.report import crossover_mbps
     from benchmarks.media import image_roundtrip, video_roundtrip
 
     t = latency_model({"x": {"device_s": 0.01, "bytes": 125_000, "server_s": 0.02}}, [1, 10])["x"]
     assert t == pytest.approx([0.01 + 1.0 + 0.02, 0.01 + 0.1 + 0.02])
+    split = {"device_s": 0.005, "bytes": 1_000, "server_s": 0.025}
+    jpeg = {"device_s": 0.001, "bytes": 20_000, "server_s": 0.019}  # 10 ms less fixed time, 152 kbit more
+    below = crossover_mbps(split, jpeg)["below_mbps"]
+    assert below == pytest.approx(152_000 / 0.010 / 1e6)
+    t_split, t_jpeg = latency_model({"s": split, "j": jpeg}, [below * 0.9, below * 1.1]).values()
+    assert t_split[0] < t_jpeg[0] and t_split[1] > t_jpeg[1]  # wins just below the crossover, loses above
+    assert crossover_mbps({**split, "server_s": 0.01}, jpeg) == {"every_bandwidth": True}
+    assert crossover_mbps({**split, "bytes": 30_000}, jpeg) == {"no_bandwidth": True}
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
     dec, sizes, _, _ = image_roundtrip(frames, "jpeg", 50)
