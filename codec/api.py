@@ -52,6 +52,7 @@ class Features:
     cache: dict[int, torch.Tensor]
     batch: int
     _raw: dict = field(default_factory=dict, repr=False, compare=False)
+    _post: dict = field(default_factory=dict, repr=False, compare=False)
     _locks: dict = field(default_factory=dict, repr=False, compare=False)
     _guard: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -65,6 +66,16 @@ class Features:
             if task not in self._raw:
                 self._raw[task] = compute()
             return _copied(self._raw[task])
+
+    def post(self, key: tuple, compute: Callable[[], list]) -> list:
+        """A task's post-processed per-frame results, computed once per ``key`` (task, options) for these
+        features: the station label reads the segmentation map its consumer also makes. Copied per caller."""
+        with self._guard:
+            lock = self._locks.setdefault(("post", key), threading.Lock())
+        with lock:
+            if key not in self._post:
+                self._post[key] = compute()
+            return _copied(self._post[key])
 
     def split(self) -> list["Features"]:
         """One Features per frame of this batch, in order (a batch of one: itself): every cache tensor and every
@@ -273,8 +284,7 @@ class SplitCodec(_EntropyCoding):
         """One task's per-frame results (the forms: each task's ``result`` in :mod:`codec.tasks`)."""
         if task not in TASKS:
             raise CodecError(f"unknown task {task!r}; expected one of {TASKS}")
-        return self._results(task, lambda t: features.raw(t, lambda: self.model.teachers.head_raw(t, features.cache)),
-                             conf)
+        return self._results(task, features, conf)
 
     def derives(self, task: str) -> bool:
         """Whether ``task``'s results come from other tasks' results (its ``derive`` hook) rather than its own
@@ -283,16 +293,21 @@ class SplitCodec(_EntropyCoding):
         t = get_task(task)
         return t.derive is not None and self.station_from == "items" and bool(self.model.teachers.station)
 
-    def _results(self, task: str, raw_of: Callable[[str], Any], conf: float) -> list:
-        """One task's per-frame results from raw head outputs (``raw_of(task)``, memoised by the caller)."""
+    def _results(self, task: str, features: Features, conf: float) -> list:
+        """One task's per-frame results from its raw head output (or, derived, from other tasks' results); raw
+        outputs and post-processed results memoised in ``features`` so no consumer repeats another's work."""
         from codec.teachers import postprocess
+
+        def results(name: str, c: float) -> list:
+            key = (name, c if get_task(name).uses_conf else None)
+            raw = lambda: features.raw(name, lambda: self.model.teachers.head_raw(name, features.cache))  # noqa: E731
+            return features.post(key, lambda: postprocess(name, raw(), self.input_size, conf=c,
+                                                          end2end=self._end2end))
 
         if self.derives(task):
             t = get_task(task)
-            inputs = {name: postprocess(name, raw_of(name), self.input_size, conf=t.derive_conf,
-                                        end2end=self._end2end) for name in t.derive_inputs}
-            return t.derive(inputs, self.input_size)
-        return postprocess(task, raw_of(task), self.input_size, conf=conf, end2end=self._end2end)
+            return t.derive({name: results(name, t.derive_conf) for name in t.derive_inputs}, self.input_size)
+        return results(task, conf)
 
     def heads(self, features: Features, tasks: Sequence[str] = TASKS, conf: float = 0.25) -> list[dict]:
         """All requested heads, regrouped per frame: [{task: result}, ...]."""

@@ -20,6 +20,8 @@ A :class:`Task` bundles, for one task name:
                 ``derive({task: per-frame results}, input_size)``, the inputs being ``derive_inputs`` post-processed
                 at ``derive_conf`` (their heads run once per frame however many tasks read them); the codec uses
                 it where it applies (``codec.api.SplitCodec.derives``)
+``uses_conf``   whether ``postprocess`` reads ``HeadOptions.conf`` (default True); False lets a derived task and
+                the task's own consumer share one post-processed result per frame
 ==============  ==================================================================================================
 
 The codec (``codec.api``), the consumers (``stages.consumers``: each registered task gets its ``task.<name>``
@@ -77,6 +79,7 @@ class Task:
     derive: Callable[[dict, int], list] | None = None
     derive_inputs: tuple[str, ...] = ()
     derive_conf: float = 0.1
+    uses_conf: bool = True
 
     def class_names(self, teachers: Any) -> list[str]:
         """This task's class names for ``teachers`` (empty when the task declares none)."""
@@ -415,7 +418,7 @@ register_task(Task(
     metric=_detection_metric, truth=lambda frame: (frame.boxes, frame.classes)))
 register_task(Task(
     "segmentation", "(H, W) uint8 class map of the original frame (0 = background)",
-    head=_segmentation_head, postprocess=_segmentation_postprocess, names=_segmentation_names,
+    head=_segmentation_head, postprocess=_segmentation_postprocess, names=_segmentation_names, uses_conf=False,
     to_frame=_segmentation_to_frame, to_json=_segmentation_to_json, draw=_segmentation_draw, draw_order=10,
     metric=_segmentation_metric, truth=lambda frame: frame.semantic))
 register_task(Task(

@@ -113,3 +113,35 @@ def test_every_head_runs_once_per_batch_however_many_tasks_read_it():
     codec.station_from = "head"
     codec.heads(features)
     assert calls.count("classification") == 1
+
+
+def test_the_segmentation_map_is_made_once_for_its_consumer_and_the_station_label():
+    """The station label and the segmentation consumer share one post-processed map per frame (upsample + argmax
+    are not repeated); detection, whose results depend on the threshold, is post-processed per threshold."""
+    import dataclasses
+
+    from codec.api import SplitCodec
+    from codec.tasks import get_task, register_task
+
+    codec = SplitCodec.random(input_size=64, seed=0)
+    codec.model.teachers.station = True
+    seg_task = get_task("segmentation")
+    calls: list[int] = []
+
+    def counting(raw, opts):
+        calls.append(opts.input_size)
+        return seg_task.postprocess(raw, opts)
+
+    register_task(dataclasses.replace(seg_task, postprocess=counting), replace=True)
+    try:
+        frames = np.random.default_rng(1).integers(0, 255, (2, 64, 64, 3), np.uint8)
+        features = codec.decode(codec.encode(frames))
+        per_frame = codec.heads(features)  # classification derives from detection + segmentation
+        assert len(calls) == 1
+        fresh = codec.decode(codec.encode(frames))
+        alone = codec.head("segmentation", fresh)
+        assert all(np.array_equal(a["segmentation"], b) for a, b in zip(per_frame, alone))
+        per_frame[0]["segmentation"][:] = 255  # each caller holds its own copy
+        assert not np.array_equal(codec.head("segmentation", features)[0], per_frame[0]["segmentation"])
+    finally:
+        register_task(seg_task, replace=True)
