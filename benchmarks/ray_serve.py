@@ -8,7 +8,9 @@ tcp socket on 127.0.0.1 by ``--streams`` replaying edge clients at once (the edg
 written by the JSONL sink per second. One PyTorch thread per thread of model work everywhere (2 cores): the
 in-process graph ``threads: 2`` (decode and the three consumers, 1 thread each, pipelined over 4 threads); Ray with
 1 replica and with 2 replicas of 1 CPU (1 thread each), on a local Ray instance this script starts (no
-dashboard). Rounds alternate the three so that load from other processes hits them alike; medians are reported.
+dashboard). Rounds alternate the three so that load from other processes hits them alike; medians are reported,
+and each configuration's speed-up over the in-process server within a round (median over rounds). The JSON says
+where each one ran decoder, body and heads (onnxruntime or torch; the replicas report theirs).
 
 Ray's cost per frame: a no-op call through the same deployment handle with a payload of the clip's size (round
 trip: serialisation, routing, scheduling, reply), sequential and 16 at once (the ceiling of one ingress), and a
@@ -136,6 +138,9 @@ def main(argv=None) -> int:
             print(f"round {r + 1} {name}: {len(encoded) * args.streams / secs[name][-1]:.2f} frames/s",
                   file=sys.stderr)
     fps = {k: len(encoded) * args.streams / statistics.median(v) for k, v in secs.items()}
+    local = get_codec(ckpt)  # the in-process decode stage's instance (cached)
+    runtime = {"in-process": "onnxruntime" if getattr(local, "server_runtime", None) is not None else "torch",
+               **{k: g["runner"].nodes["merge"].stage.replica_runtime for k, g in graphs.items() if k != "in-process"}}
 
     # Ray's own cost per frame, through the 1-replica deployment's handle
     stage = graphs["ray 1 replica"]["runner"].nodes["merge"].stage
@@ -199,7 +204,14 @@ def main(argv=None) -> int:
                    f"{args.streams} streams x {args.frames} frames per round, {args.rounds} rounds (medians)",
         "threads": {"in-process": "threads: 2 (4 model stages x 1 thread)", "ray 1 replica": "1 replica x 1 thread",
                     "ray 2 replicas": "2 replicas x 1 thread"},
+        "runtime": runtime,  # where decoder, body and heads ran (the replicas report theirs)
         "frames_per_s": {k: round(v, 2) for k, v in fps.items()},
+        # the same round's in-process time over this one's (rounds interleave: load from other work hits a round's
+        # three runs alike), median over rounds: steadier than a ratio of medians on a shared machine
+        "speedup_over_in_process_per_round_median": {
+            k: round(statistics.median(a / b for a, b in zip(secs["in-process"], v)), 2) for k, v in secs.items()},
+        "ray_2_over_1_replica_per_round_median": round(statistics.median(
+            a / b for a, b in zip(secs["ray 1 replica"], secs["ray 2 replicas"])), 2),
         "seconds_per_round": {k: [round(x, 3) for x in v] for k, v in secs.items()},
         "open_s": {k: round(g["open_s"], 1) for k, g in graphs.items()},
         "ray_cost": {"payload_bytes": round(mean_payload), "noop_round_trip_ms": round(ping_ms, 2),
@@ -215,9 +227,11 @@ def main(argv=None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'configuration':18s} {'frames/s':>9s}  threads")
+    ratio = result["speedup_over_in_process_per_round_median"]
+    print(f"\n{'configuration':18s} {'frames/s':>9s} {'x in-proc':>9s}  runtime      threads")
     for k, v in fps.items():
-        print(f"{k:18s} {v:9.2f}  {result['threads'][k]}")
+        print(f"{k:18s} {v:9.2f} {ratio[k]:9.2f}  {runtime[k]:12s} {result['threads'][k]}")
+    print(f"(x in-proc: per-round ratios, median; 2 replicas over 1: x{result['ray_2_over_1_replica_per_round_median']})")
     c = result["ray_cost"]
     print(f"\nRay per frame ({c['payload_bytes']} B payload): no-op round trip {c['noop_round_trip_ms']} ms, "
           f"{c['noop_calls_per_s_16_in_flight']} no-op calls/s with 16 in flight; a real call {c['infer_round_trip_ms']} "

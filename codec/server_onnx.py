@@ -174,6 +174,19 @@ def attach(codec, checkpoint: str | Path, log=None) -> OnnxServer | None:
     return server
 
 
+def export_ready(checkpoint: str | Path, fingerprint: bytes) -> bool:
+    """Whether ``checkpoint``'s export is there and is this model's (its metadata only: no session is made)."""
+    import onnx
+
+    path = server_path(checkpoint)
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # noqa: BLE001 - missing or unreadable: not ready
+        return False
+    return (meta.get("format") == FORMAT and meta.get("version") == str(FORMAT_VERSION)
+            and meta.get("fingerprint") == fingerprint.hex())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="export (or check) the server's onnxruntime graph of a checkpoint")
     ap.add_argument("--checkpoint", default=None, help="full checkpoint (default: models/default.pt)")

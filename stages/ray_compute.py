@@ -83,7 +83,8 @@ class RayCompute(Stage):
                  num_replicas=1, min_replicas=None, max_replicas=None, max_batch_size=8,
                  batch_wait_timeout_s=0.01, num_cpus=1.0, num_gpus=0.0, threads=None, max_in_flight=16,
                  retries=5, request_timeout_s=120.0, app="ladon", dashboard=False, object_store_mb=256,
-                 drain_s=60.0, keep_app=False, deploy_timeout_s=300.0):
+                 drain_s=60.0, keep_app=False, deploy_timeout_s=300.0, target_ongoing_requests=None,
+                 upscale_delay_s=3.0, downscale_delay_s=60.0):
         from codec.tasks import TASKS
         self.address = parse_address(address)
         self.address_text = str(address)
@@ -119,6 +120,25 @@ class RayCompute(Stage):
         self.app, self.dashboard, self.keep_app = str(app), bool(dashboard), bool(keep_app)
         self.object_store_mb, self.drain_s = int(object_store_mb), float(drain_s)
         self.deploy_timeout_s = float(deploy_timeout_s)
+
+        def seconds(v, name, default):
+            try:
+                x = float(default if v in (None, "") else v)
+            except (TypeError, ValueError):
+                x = -1.0
+            if not x >= 0 or isinstance(v, bool):
+                raise UsageError(f"server.ray {name} {v!r}: give seconds >= 0")
+            return x
+
+        self.upscale_delay_s = seconds(upscale_delay_s, "upscale_delay_s", 3.0)
+        self.downscale_delay_s = seconds(downscale_delay_s, "downscale_delay_s", 60.0)
+        target = seconds(target_ongoing_requests, "target_ongoing_requests", self.max_batch_size)
+        if target <= 0:
+            raise UsageError(f"server.ray target_ongoing_requests {target_ongoing_requests!r}: give a number > 0 "
+                             f"(frames queued or in work per replica that Serve aims at)")
+        self.target_ongoing_requests = target
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise UsageError(f"server.ray num_cpus {num_cpus!r} / num_gpus {num_gpus!r}: give numbers >= 0")
         # now, before any stage opens (and a sink creates its files): is there a cluster at all?
         if self.address is not None:
             why = probe(self.address)
@@ -163,6 +183,9 @@ class RayCompute(Stage):
         # replicas import this project: the driver's path first (an installed copy elsewhere must not win)
         pypath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         env = {"PYTHONPATH": pypath, "RAY_USAGE_STATS_ENABLED": "0"}
+        if os.environ.get("LADON_SERVER_RUNTIME"):  # replicas choose their runtime as server.decode here would
+            env["LADON_SERVER_RUNTIME"] = os.environ["LADON_SERVER_RUNTIME"]
+        self._export_once(fp)
         handlers = _signal_handlers()
         self.owns_ray = not ray.is_initialized()  # else: this process joined already (a benchmark, a notebook)
         try:
@@ -181,17 +204,33 @@ class RayCompute(Stage):
                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         _restore_signal_handlers(handlers)
         self.gcs = self.address or ray.get_runtime_context().gcs_address  # probed when a request fails
+        try:
+            self._check_resources(ray)
+        except BaseException:
+            self._teardown()
+            raise
         from stages import ray_deployment
         dep = ray_deployment.deployment(self.num_replicas, self.min_replicas, self.max_replicas, self.max_batch_size,
-                                        self.num_cpus, self.num_gpus, env)
+                                        self.num_cpus, self.num_gpus, env, self.target_ongoing_requests,
+                                        self.upscale_delay_s, self.downscale_delay_s)
         app = dep.bind(self.checkpoint, self.tasks, self.conf, self.max_batch_size, self.batch_wait_timeout_s,
                        self.threads or max(1, int(self.num_cpus)))
         t0 = time.monotonic()
         try:
             serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
-            self.handle = serve.run(app, name=self.app, route_prefix=None, blocking=False,
-                                    logging_config={"log_level": "WARNING"})
-            self._wait_ready(serve)
+            # serve.run waits for the app to run, without a time limit (blocking=False only means it returns
+            # then): it runs in a thread, and _wait_ready watches serve.status() with ours
+            ran: dict = {}
+
+            def run() -> None:
+                try:
+                    ran["handle"] = serve.run(app, name=self.app, route_prefix=None, blocking=False,
+                                              logging_config={"log_level": "WARNING"})
+                except BaseException as exc:  # noqa: BLE001 - _wait_ready reports it
+                    ran["error"] = exc
+            runner = threading.Thread(target=run, name=f"{ctx.name}-deploy", daemon=True)
+            runner.start()
+            self._wait_ready(serve, runner, ran)
             info = self.handle.info.remote().result(timeout_s=self.request_timeout_s)
         except BaseException:
             self._teardown()
@@ -201,10 +240,21 @@ class RayCompute(Stage):
             raise UsageError(f"server.ray: the replicas hold model {info['fingerprint'].hex()}, the ingress checks "
                              f"frames against {fp.hex()}: give both the same --checkpoint")
         self.codec = _RemoteCodecInfo(info)  # ctx.codec() of the sinks: class names and input size
-        n = f"{self.min_replicas or 1}..{self.max_replicas}" if self.max_replicas else str(self.num_replicas)
+        self.replica_runtime = str(info.get("runtime", "?"))  # onnxruntime or torch, as server.decode would choose
+        if self.max_replicas is not None:
+            lo = 1 if self.min_replicas is None else self.min_replicas
+            n = (f"{lo}..{self.max_replicas} (autoscaling: {self.target_ongoing_requests:g} frames queued per "
+                 f"replica, up after {self.upscale_delay_s:g} s, down after {self.downscale_delay_s:g} s)")
+            if self.max_replicas * self.target_ongoing_requests > self.max_in_flight:
+                ctx.log(f"[{ctx.name}] note: this ingress keeps at most {self.max_in_flight} frames out at Ray "
+                        f"(ray_in_flight), enough load for {max(1, int(self.max_in_flight // self.target_ongoing_requests))} "
+                        f"replica(s) at {self.target_ongoing_requests:g} each, not {self.max_replicas}: raise "
+                        f"ray_in_flight (or lower ray_target_ongoing) to use them all")
+        else:
+            n = str(self.num_replicas)
         ctx.log(f"[{ctx.name}] Ray Serve app {self.app!r} ready on {self._where()} (GCS {self.gcs}) in "
                 f"{time.monotonic() - t0:.1f} s: {n} replica(s), {self.num_cpus:g} CPU / {self.num_gpus:g} GPU each, "
-                f"batches of up to {self.max_batch_size}")
+                f"model on {self.replica_runtime}, batches of up to {self.max_batch_size}")
         # daemon call threads (not an executor's): one stuck on a dead cluster must not hold the process at exit
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.callers = [threading.Thread(target=self._caller, name=f"{ctx.name}-call{i}", daemon=True)
@@ -214,27 +264,100 @@ class RayCompute(Stage):
         self.closing = threading.Event()
         self.watch = threading.Thread(target=self._watch, name=f"{ctx.name}-watch", daemon=True)
         self.watch.start()
+        self.replicas_running, self.replicas_most = None, 0
+        if self.max_replicas is not None:  # a separate thread: serve.status() may block when the cluster goes
+            threading.Thread(target=self._watch_replicas, args=(serve,), name=f"{ctx.name}-scale", daemon=True).start()
 
-    def _wait_ready(self, serve) -> None:
-        """Until the app runs (its replicas constructed: the model loaded); its deployment failing, or not running
-        within ``deploy_timeout_s`` (e.g. replicas asking for GPUs or CPUs the cluster does not have), is an error
-        with Serve's own words."""
-        deadline = time.monotonic() + self.deploy_timeout_s
+    def _export_once(self, fingerprint: bytes) -> None:
+        """The checkpoint's onnxruntime export (:mod:`codec.server_onnx`), made here once when it is missing or
+        stale, before the replicas start: replicas on this host then load it instead of each making it at the
+        same moment (replicas on other hosts make their own, beside their copy of the checkpoint)."""
+        spec = str(self.checkpoint or "default")
+        if os.environ.get("LADON_SERVER_RUNTIME", "auto") == "torch" or spec.startswith("random:"):
+            return
+        try:
+            from codec.api import DEFAULT_CHECKPOINT, load_codec
+            from codec.server_onnx import export_ready
+        except ImportError:  # no onnx here: each replica says so and decodes with PyTorch
+            return
+        path = DEFAULT_CHECKPOINT if spec == "default" else Path(spec)
+        if export_ready(path, fingerprint):
+            return
+        self.ctx.log(f"[{self.ctx.name}] making the onnxruntime export of {path} once, before the replicas start")
+        try:
+            load_codec(path, runtime="auto")  # exports (checked, atomic replace) and attaches; then dropped
+        except Exception as exc:  # noqa: BLE001 - the replicas try again themselves (or fall back to PyTorch)
+            self.ctx.log(f"[{self.ctx.name}] no onnxruntime export ({type(exc).__name__}: {exc})")
+
+    def _check_resources(self, ray) -> None:
+        """A replica needs ``num_cpus``/``num_gpus`` on one node: none of the local instance's nodes has them ->
+        UsageError now; none of a cluster's -> one line saying the replicas wait for such a node to join."""
+        need = {k: v for k, v in (("CPU", self.num_cpus), ("GPU", self.num_gpus)) if v > 0}
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if any(all(r.get(k, 0.0) >= v for k, v in need.items()) for r in nodes):
+            return
+        have = ", ".join(f"{r.get('CPU', 0):g} CPU / {r.get('GPU', 0):g} GPU" for r in nodes) or "no node"
+        want = f"{self.num_cpus:g} CPU / {self.num_gpus:g} GPU per replica (ray_cpus / ray_gpus)"
+        if self.started_local:
+            raise UsageError(f"server.ray: a replica asks for {want} but the local Ray instance (--ray auto) has "
+                             f"{have}: lower ray_gpus / ray_cpus (ray_gpus 0: replicas on CPU), or join a cluster "
+                             f"with such a node (--ray HEAD:PORT)")
+        self.ctx.log(f"[{self.ctx.name}] no node of {self._where()} has {want} (nodes: {have}): the replicas stay "
+                     f"pending until one joins (`ray start --address {self.address} --num-cpus N --num-gpus N`), "
+                     f"{self.deploy_timeout_s:.0f} s at most")
+
+    def _watch_replicas(self, serve, every_s: float = 1.0) -> None:
+        """Autoscaling: one line each time the replicas running or starting change (the most running is in the
+        summary)."""
+        last = None
+        while not self.closing.wait(every_s) and self.failed is None:
+            try:
+                states = serve.status().applications[self.app].deployments["SplitServer"].replica_states
+                states = {str(k).rsplit(".", 1)[-1]: int(v) for k, v in states.items()}
+            except Exception:  # noqa: BLE001 - the app going away at shutdown, a cluster going: _watch says it
+                continue
+            now = (states.get("RUNNING", 0), sum(states.get(k, 0) for k in ("STARTING", "RECOVERING", "UPDATING")))
+            if now != last:
+                if last is not None:
+                    lo = 1 if self.min_replicas is None else self.min_replicas
+                    self.ctx.log(f"[{self.ctx.name}] replicas: {now[0]} running, {now[1]} starting (was "
+                                 f"{last[0]} running; autoscaling {lo}..{self.max_replicas}; {self.inflight} "
+                                 f"frame(s) in flight)")
+                last = now
+                self.replicas_running = now[0]
+                self.replicas_most = max(self.replicas_most, now[0])
+
+    def _wait_ready(self, serve, runner: threading.Thread, ran: dict) -> None:
+        """Until the app runs (its replicas constructed: the model loaded) and ``runner`` (serve.run) has its
+        handle; its deployment failing, or not running within ``deploy_timeout_s`` (e.g. replicas asking for GPUs
+        or CPUs the cluster does not have: Serve's message every 30 s meanwhile), is an error with Serve's own
+        words."""
+        t0 = time.monotonic()
+        deadline, said = t0 + self.deploy_timeout_s, t0
         state, msg = "", ""
         while time.monotonic() < deadline:
+            if "handle" in ran:
+                self.handle = ran["handle"]
+                return
             st = serve.status().applications.get(self.app)
             state = str(getattr(st, "status", ""))
             msg = " ".join(str(getattr(d, "message", "") or "") for d in getattr(st, "deployments", {}).values())
             msg = (str(getattr(st, "message", "") or "") + " " + msg).strip()
-            if state.endswith("RUNNING"):
-                return
+            if "error" in ran:
+                msg = msg or f"{type(ran['error']).__name__}: {_first_line(ran['error'])}"
+                break
             if state.endswith("DEPLOY_FAILED") or state.endswith("UNHEALTHY"):
                 break
-            time.sleep(0.2)
+            if msg and time.monotonic() - said >= 30.0:  # e.g. replicas waiting for a node with a GPU
+                said = time.monotonic()
+                self.ctx.log(f"[{self.ctx.name}] the Ray Serve app {self.app!r} is not running yet after "
+                             f"{said - t0:.0f} s: {msg[:500]}")
+            runner.join(0.2)
         raise UsageError(f"server.ray: the Ray Serve app {self.app!r} is not running on {self._where()} "
-                         f"({state.rsplit('.', 1)[-1] or 'no status'} after {self.deploy_timeout_s:.0f} s at most): "
-                         f"{msg[:1500] or 'no message'}; check the checkpoint on every host and ray_cpus/ray_gpus "
-                         f"({self.num_cpus:g}/{self.num_gpus:g} per replica) against `ray status`")
+                         f"({state.rsplit('.', 1)[-1] or 'no status'} after {time.monotonic() - t0:.0f} s, "
+                         f"deploy_timeout_s {self.deploy_timeout_s:.0f}): {msg[:1500] or 'no message'}; check the "
+                         f"checkpoint on every host and ray_cpus/ray_gpus ({self.num_cpus:g}/{self.num_gpus:g} per "
+                         f"replica) against `ray status`")
 
     def _watch(self, every_s: float = 1.0, misses: int = 3) -> None:
         """The cluster gone (its GCS port closed ``misses`` times in a row): stop the server with a message naming
@@ -365,6 +488,8 @@ class RayCompute(Stage):
             self.closing.set()
         for _ in getattr(self, "callers", ()):
             self.jobs.put(None)
+        if self.max_replicas is not None:
+            self.ctx.stats.extra["replicas_most_running"] = getattr(self, "replicas_most", 0)
         self.ctx.stats.extra.update({"retried": self.retried, "undecodable": self.bad,
                                      "batch_sizes": {str(k): v for k, v in sorted(self.batches.items())}})
         if left and self.failed is None:

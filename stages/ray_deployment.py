@@ -57,9 +57,12 @@ class SplitServer:
         return self.kw if task == "detection" else {}
 
     def info(self) -> dict:
-        """What the ingress checks and shows: the model's fingerprint, input size, class names; this replica's pid."""
+        """What the ingress checks and shows: the model's fingerprint, input size, class names; this replica's pid
+        and where its decoder, body and heads run (``onnxruntime`` or ``torch``, as ``server.decode`` chooses)."""
+        runtime = "onnxruntime" if getattr(self.codec, "server_runtime", None) is not None else "torch"
         return {"fingerprint": self.codec.fingerprint, "input_size": int(self.codec.input_size),
-                "class_names": {t: list(v) for t, v in self.codec.class_names.items()}, "pid": os.getpid()}
+                "class_names": {t: list(v) for t, v in self.codec.class_names.items()}, "pid": os.getpid(),
+                "runtime": runtime}
 
     def ping(self, x=None):
         """A no-op round trip (the cost Ray adds per request: serialisation, routing, scheduling)."""
@@ -127,19 +130,39 @@ def _one(feats, k: int):
     return feats.split()[k]
 
 
-def deployment(num_replicas=1, min_replicas=None, max_replicas=None, max_batch_size=8, num_cpus=1.0, num_gpus=0.0,
-               env_vars: dict | None = None, target_ongoing_requests: float | None = None):
+# Serve's autoscaling defaults (metrics every 10 s over 30 s, up after 30 s, down after 600 s) suit web traffic;
+# a camera server should follow a burst within seconds: metrics twice a second over the last 2 s
+METRICS_INTERVAL_S = 0.5
+LOOK_BACK_PERIOD_S = 2.0
+
+
+def autoscaling_config(min_replicas: int, max_replicas: int, target_ongoing_requests: float,
+                       upscale_delay_s: float = 3.0, downscale_delay_s: float = 60.0) -> dict:
+    """Serve's ``autoscaling_config``: between ``min_replicas`` and ``max_replicas``, aiming at
+    ``target_ongoing_requests`` frames queued or in work per replica; a replica is added after the load has held
+    ``upscale_delay_s`` and removed after it has stayed low ``downscale_delay_s``."""
+    return {"min_replicas": int(min_replicas), "max_replicas": int(max_replicas),
+            "target_ongoing_requests": float(target_ongoing_requests),
+            "upscale_delay_s": float(upscale_delay_s), "downscale_delay_s": float(downscale_delay_s),
+            "metrics_interval_s": METRICS_INTERVAL_S, "look_back_period_s": LOOK_BACK_PERIOD_S}
+
+
+def deployment(num_replicas: int = 1, min_replicas: int | None = None, max_replicas: int | None = None,
+               max_batch_size: int = 8, num_cpus: float = 1.0, num_gpus: float = 0.0, env_vars: dict | None = None,
+               target_ongoing_requests: float | None = None, upscale_delay_s: float = 3.0,
+               downscale_delay_s: float = 60.0):
     """The Serve deployment of :class:`SplitServer` with the config's replicas (fixed, or autoscaling between
-    ``min_replicas`` and ``max_replicas``) and resources per replica."""
+    ``min_replicas`` and ``max_replicas``: :func:`autoscaling_config`; ``target_ongoing_requests`` defaults to a
+    full batch per replica) and resources per replica."""
     opts = {"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)}
     if env_vars:
         opts["runtime_env"] = {"env_vars": dict(env_vars)}
     kw = {"ray_actor_options": opts, "max_ongoing_requests": max(2 * int(max_batch_size), 4),
           "max_constructor_retry_count": 3}  # a model that does not load fails the deployment soon
     if max_replicas is not None:
-        auto = {"min_replicas": int(min_replicas if min_replicas is not None else 1), "max_replicas": int(max_replicas),
-                "target_ongoing_requests": float(target_ongoing_requests or max(1, int(max_batch_size)))}
-        kw["autoscaling_config"] = auto
+        kw["autoscaling_config"] = autoscaling_config(
+            1 if min_replicas is None else min_replicas, max_replicas,
+            target_ongoing_requests or max(1, int(max_batch_size)), upscale_delay_s, downscale_delay_s)
     else:
         kw["num_replicas"] = int(num_replicas)
     return serve.deployment(SplitServer, name="SplitServer", **kw)

@@ -131,9 +131,11 @@ def _listening(port: int) -> bool:
         return False
 
 
-def _replay(tmp: Path, server_args: list[str], video: Path, name: str, during=None):
-    """Run a server with ``server_args`` and two replaying edges (streams 1 and 2); ``during(rows_path, server)``
-    runs while they go. Returns the JSONL rows and the server's log."""
+def _replay(tmp: Path, server_args: list[str], video: Path, name: str, during=None, n: int = N, rate: str = "15",
+            before_stop=None):
+    """Run a server with ``server_args`` and two replaying edges (streams 1 and 2) of ``n`` frames each;
+    ``during(rows_path, server)`` runs while they go, ``before_stop(server, log_path)`` once every row is written
+    (before the SIGTERM). Returns the JSONL rows and the server's log."""
     port, out = free_port(), tmp / name
     ep = f"tcp://127.0.0.1:{port}"
     slog = tmp / f"{name}.server.log"
@@ -145,13 +147,15 @@ def _replay(tmp: Path, server_args: list[str], video: Path, name: str, during=No
         # machine), and an edge gives up after 30 s without a server: start the edges once it listens
         wait_for(lambda: _listening(port), 300, "the server listening", server, poll=0.5)
         for sid in (1, 2):
-            edges.append(_spawn("edge", "--source", str(video), "--connect", ep, "--checkpoint", CKPT, "--rate", "15",
+            edges.append(_spawn("edge", "--source", str(video), "--connect", ep, "--checkpoint", CKPT, "--rate", rate,
                                "--stream-id", str(sid), "--insecure", "--quiet", log=tmp / f"{name}.edge{sid}.log"))
         if during is not None:
             during(out / "results.jsonl", server)
         for e in edges:
             assert e.wait(240) == 0, (tmp / f"{name}.edge{edges.index(e) + 1}.log").read_text()[-3000:]
-        wait_for(lambda: len(read_jsonl(out / "results.jsonl")) >= 2 * N, 60, "every row", server)
+        wait_for(lambda: len(read_jsonl(out / "results.jsonl")) >= 2 * n, 60, "every row", server)
+        if before_stop is not None:
+            before_stop(server, slog)
         server.send_signal(signal.SIGTERM)
         assert server.wait(120) == 0, slog.read_text()[-4000:]
     finally:
@@ -200,6 +204,78 @@ def test_ray_replay_exactly_once_in_order_equal_to_in_process_and_a_killed_repli
           f"{t_ray:.0f} s (in-process {t_local:.0f} s)")
 
 
+def test_ray_autoscales_between_min_and_max_under_load_and_the_replay_stays_exactly_once(ray_cluster, tmp_path):
+    """--ray-replicas 1:2: two streams keep frames queued, Serve adds the second replica (the server logs the
+    change, read from serve.status()) and removes it once the replay is over; every frame exactly once, in order."""
+    address, tmp_marker = ray_cluster
+    port = int(address.rpartition(":")[2])
+    n = 300
+    video = write_video(tmp_path / "clip.mp4", n, 80, 48, step=5, gradient=True)
+    ray_cfg, _ = _graphs(tmp_path)
+    text = ray_cfg.read_text()
+    # the test's delays (a camera server: 3 s up, 60 s down); one frame queued per replica is the target, and a
+    # batch waits up to 0.1 s for more: two 20 frames/s streams keep several frames queued on one replica
+    for a, b in (("ray_upscale_delay_s: 3 ", "ray_upscale_delay_s: 1 "),
+                 ("ray_downscale_delay_s: 60 ", "ray_downscale_delay_s: 3 "),
+                 ("ray_target_ongoing: null ", "ray_target_ongoing: 1 "),
+                 ("ray_batch_wait_s: 0.01 ", "ray_batch_wait_s: 0.1 ")):
+        assert a in text, a
+        text = text.replace(a, b)
+    ray_cfg.write_text(text)
+    seen: dict[str, float] = {}
+
+    def scaled_up(rows_path, server):
+        slog, t0 = tmp_path / "auto.server.log", time.monotonic()
+        wait_for(lambda: "1 running, 1 starting (was 1 running" in slog.read_text(), 120, "a second replica", server)
+        seen["rows_at_up"], seen["up_s"] = len(read_jsonl(rows_path)), time.monotonic() - t0
+        wait_for(lambda: "2 running, 0 starting" in slog.read_text(), 120, "the second replica running", server)
+        seen["running_s"], seen["processes"] = time.monotonic() - t0, len(_replicas(tmp_marker, port))
+
+    def scaled_down(server, slog):
+        t0 = time.monotonic()
+        wait_for(lambda: "1 running, 0 starting (was 2 running" in slog.read_text(), 60, "back to one replica",
+                 server)
+        seen["down_s"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    rows, log = _replay(tmp_path, ["--config", str(ray_cfg), "--ray", address, "--ray-replicas", "1:2"], video,
+                        "auto", during=scaled_up, n=n, rate="20", before_stop=scaled_down)
+    took = time.monotonic() - t0
+    assert "1..2 (autoscaling: 1 frames queued per replica, up after 1 s, down after 3 s)" in log, log[-3000:]
+    assert seen["rows_at_up"] < 2 * n  # scaled while the replay was going
+    for s in (1, 2):
+        assert [r["frame"] for r in rows if r["stream"] == s] == list(range(n)), (s, log[-3000:])
+    assert len(rows) == 2 * n  # nothing twice
+    print(f"\nray autoscaling 1..2: 2x{n} frames; a second replica starting {seen['up_s']:.0f} s after the edges "
+          f"started ({seen['rows_at_up']} rows written), running after {seen['running_s']:.0f} s "
+          f"({seen['processes']} replica processes), back to one {seen['down_s']:.0f} s after the last row; 0 lost, "
+          f"0 duplicated, in order; {took:.0f} s")
+
+
+def test_ray_replicas_asking_for_a_gpu_no_node_has_are_named_not_waited_on_silently(ray_cluster, tmp_path):
+    """ray_gpus 1 on a cluster without GPUs: one line at once saying the replicas wait for such a node, then (after
+    the deploy timeout, short here) exit 2 naming ray_cpus/ray_gpus, Serve's own words and `ray status`."""
+    address, _ = ray_cluster
+    ray_cfg, _ = _graphs(tmp_path)
+    text = ray_cfg.read_text()
+    for a, b in (("ray_gpus: 0 ", "ray_gpus: 1 "), ('address: "${ray}",', 'address: "${ray}", deploy_timeout_s: 8,')):
+        assert a in text, a
+        text = text.replace(a, b)
+    ray_cfg.write_text(text)
+    slog = tmp_path / "gpu.server.log"
+    server = _spawn("server", "--bind", f"tcp://127.0.0.1:{free_port()}", "--checkpoint", CKPT, "--out",
+                    str(tmp_path / "out"), "--insecure", "--quiet", "--config", str(ray_cfg), "--ray", address, log=slog)
+    try:
+        assert server.wait(180) == 2, slog.read_text()[-3000:]
+    finally:
+        kill(server)
+    log = slog.read_text()
+    assert f"no node of the Ray cluster at {address} has 1 CPU / 1 GPU per replica" in log, log[-3000:]
+    assert "stay pending until one joins" in log and "--num-gpus" in log, log[-3000:]
+    assert "is not running on the Ray cluster" in log and "ray_cpus/ray_gpus (1/1 per replica)" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+
 def test_ray_bad_address_and_options_are_usage_errors(capsys, tmp_path):
     from pipeline.cli import main
     port = free_port()  # nothing listens there
@@ -207,7 +283,9 @@ def test_ray_bad_address_and_options_are_usage_errors(capsys, tmp_path):
                         (["--ray", f"127.0.0.1:{port}"], [f"no Ray cluster answers at 127.0.0.1:{port}",
                                                           "ray start --head"]),
                         (["--ray-replicas", "2"], ["need --ray"]),
-                        (["--ray", "auto", "--ray-replicas", "0"], ["--ray-replicas 0"])):
+                        (["--ray", "auto", "--ray-replicas", "0"], ["--ray-replicas 0"]),
+                        (["--ray", "auto", "--ray-replicas", "3:1"], ["--ray-replicas 3:1", "MIN:MAX"]),
+                        (["--ray", "auto", "--ray-replicas", "two"], ["--ray-replicas two", "MIN:MAX"])):
         rc = main(["server", "--bind", f"tcp://127.0.0.1:{free_port()}", "--insecure", "--checkpoint", CKPT,
                    "--out", str(tmp_path / "out"), "--quiet", *argv])
         err = capsys.readouterr().err

@@ -37,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", default=None, metavar="auto|HOST:PORT",
                    help="topology (b): decode, shared body and heads on a Ray Serve deployment (graph server_ray): "
                         "`auto` starts a local Ray instance, HOST:PORT joins the cluster of `ray start --head`")
-    p.add_argument("--ray-replicas", type=int, default=None, metavar="N",
-                   help="with --ray: replicas of the deployment (default 1; the graph's ray_max_replicas autoscales)")
+    p.add_argument("--ray-replicas", default=None, metavar="N|MIN:MAX",
+                   help="with --ray: N replicas of the deployment (default 1), or MIN:MAX to autoscale between them "
+                        "on the frames queued per replica (e.g. 1:4)")
     p.add_argument("--ray-max-batch", type=int, default=None, metavar="N",
                    help="with --ray: frames per forward pass, batched across streams (default 8)")
     p.add_argument("--max-batch", type=int, default=1, metavar="N",
@@ -65,12 +66,12 @@ def run(args) -> int:
         raise UsageError("--ray-replicas/--ray-max-batch need --ray auto|HOST:PORT (the Ray Serve deployment)")
     if args.ray is not None:
         variables.update({"ray": args.ray, "tasks": args.tasks})
-        for flag, name, value in (("--ray-replicas", "ray_replicas", args.ray_replicas),
-                                  ("--ray-max-batch", "ray_max_batch", args.ray_max_batch)):
-            if value is not None:
-                if value < 1:
-                    raise UsageError(f"{flag} {value}: give a whole number >= 1")
-                variables[name] = value
+        if args.ray_replicas is not None:
+            variables.update(ray_replicas_variables(args.ray_replicas))
+        if args.ray_max_batch is not None:
+            if args.ray_max_batch < 1:
+                raise UsageError(f"--ray-max-batch {args.ray_max_batch}: give a whole number >= 1")
+            variables["ray_max_batch"] = args.ray_max_batch
     plan = factory_plan(args, "server")  # --factory, --mqtt, ...: the factory graph (or fill --config's variables)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if plan is not None:
@@ -93,6 +94,20 @@ def run(args) -> int:
             raise UsageError(f"--pub needs a results.merge or server.ray stage in {spec.path} to publish from")
         spec.stages.append(StageSpec("pub", "sink.zmq_pub", [merges[-1]], {"endpoint": args.pub}))
     return run_graph(spec, Path(args.out) / "server_summary.json", quiet=args.quiet)
+
+
+def ray_replicas_variables(value: str) -> dict:
+    """``--ray-replicas N`` (fixed) or ``MIN:MAX`` (autoscaling) -> the server_ray graph's variables."""
+    text = str(value).strip()
+    lo, sep, hi = text.partition(":")
+    fix = "give N (fixed replicas, e.g. 2) or MIN:MAX to autoscale (e.g. 1:4, 1 <= MIN <= MAX)"
+    if not sep:
+        if not text.isdigit() or int(text) < 1:
+            raise UsageError(f"--ray-replicas {value}: {fix}")
+        return {"ray_replicas": int(text), "ray_min_replicas": None, "ray_max_replicas": None}
+    if not (lo.strip().isdigit() and hi.strip().isdigit()) or not 1 <= int(lo) <= int(hi):
+        raise UsageError(f"--ray-replicas {value}: {fix}")
+    return {"ray_min_replicas": int(lo), "ray_max_replicas": int(hi)}
 
 
 def _batching(spec, args) -> None:
