@@ -280,8 +280,10 @@ class _LiveSender:
 def test_a_flood_from_one_peer_does_not_slow_another_peers_live_stream(tmp_path):
     """A live stream (20 frames/s, its own peer) into a record-only server process; a flooder process (another
     peer: 20 connections, hellos for new streams, broken hellos, junk, foreign and unknown-kind messages, as
-    fast as it goes, at the lowest CPU priority as if it ran elsewhere) on and off in turns of 5 s. The live
-    stream's latency (capture to done) with and without the flood, interleaved."""
+    fast as it goes, at the lowest CPU priority as if it ran elsewhere) on and off in turns of 4 s: quiet,
+    flood, quiet, ..., quiet. Each flood turn is compared with the two quiet turns around it (the machine's load
+    drifts: a ratio of neighbours cancels it), and the median of those ratios is asserted, so that one turn
+    hit by someone else's load spike does not decide."""
     import numpy as np
     pytest.importorskip("codec.api")
 
@@ -302,14 +304,14 @@ def test_a_flood_from_one_peer_does_not_slow_another_peers_live_stream(tmp_path)
     try:
         sender = _LiveSender(ep, 1, fp, tuple(enc.latent_shape), enc.payload, fps=20)
         wait_for(lambda: len(read_jsonl(out / "results.jsonl")) >= 40, 120, "the live stream running", server)
-        for k in range(8):
+        for k in range(9):
             kind = "flood" if k % 2 else "quiet"
             start = time.time_ns()
             if kind == "flood":
                 flooder = subprocess.Popen([PY, str(tmp_path / "flooder.py"), ep, "127.0.0.77", str(sent_log),
                                             fp.hex()], cwd=ROOT, env=env(), start_new_session=True,
                                            preexec_fn=lambda: os.nice(19))
-            time.sleep(5.0)
+            time.sleep(4.0)
             if flooder is not None:
                 flooder.send_signal(signal.SIGTERM)
                 flooder.wait(10)
@@ -327,24 +329,31 @@ def test_a_flood_from_one_peer_does_not_slow_another_peers_live_stream(tmp_path)
             kill(flooder)
         kill(server)
     rows = [r for r in read_jsonl(out / "results.jsonl") if r["stream"] == 1]
-    lat: dict[str, list[float]] = {"quiet": [], "flood": []}
-    for kind, start, end in phases:  # the first second of a phase: the flooder starting or stopping
-        lat[kind] += [r["latency_ms"]["total"] for r in rows
-                      if start + 1_000_000_000 <= r["timestamps"]["capture_ns"] < end - 200_000_000]
+    turns = []  # the live stream's latencies per turn, without its first second (the flooder starting/stopping)
+    for kind, start, end in phases:
+        turns.append([r["latency_ms"]["total"] for r in rows
+                      if start + 1_000_000_000 <= r["timestamps"]["capture_ns"] < end - 200_000_000])
+    assert all(len(t) > 40 for t in turns), [len(t) for t in turns]
+    quiet, flood = [x for t in turns[0::2] for x in t], [x for t in turns[1::2] for x in t]
+    ratios = [statistics.median(turns[k]) / statistics.median(turns[k - 1] + turns[k + 1])
+              for k in range(1, len(turns), 2)]
     sent = [line.split() for line in sent_log.read_text().splitlines()]
     rate = sum(int(n) for n, _ in sent) / sum(float(t) for _, t in sent)
     refused = json.loads((out / "server_summary.json").read_text())["stages"]["receive"]["refused"]
-    med = {k: statistics.median(v) for k, v in lat.items()}
-    p95 = {k: _pct(v, 0.95) for k, v in lat.items()}
+    med = {"quiet": statistics.median(quiet), "flood": statistics.median(flood)}
+    p95 = {"quiet": _pct(quiet, 0.95), "flood": _pct(flood, 0.95)}
     print(f"\nfair queuing: flood {rate:.0f} messages/s from 20 connections of one peer (server refused "
           f"{sum(refused.values())}: {refused}); live stream latency quiet median {med['quiet']:.1f} ms p95 "
-          f"{p95['quiet']:.1f} ms ({len(lat['quiet'])} frames), flood median {med['flood']:.1f} ms p95 "
-          f"{p95['flood']:.1f} ms ({len(lat['flood'])} frames): ratio median {med['flood'] / med['quiet']:.2f}, "
-          f"p95 {p95['flood'] / p95['quiet']:.2f}")
-    assert len(lat["quiet"]) > 200 and len(lat["flood"]) > 200
+          f"{p95['quiet']:.1f} ms ({len(quiet)} frames), flood median {med['flood']:.1f} ms p95 "
+          f"{p95['flood']:.1f} ms ({len(flood)} frames); flood / neighbouring quiet turns, median per turn: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}); pooled p95 ratio "
+          f"{p95['flood'] / p95['quiet']:.2f}")
     assert sum(refused.values()) > 20_000  # the flood reached the server
-    # the aim is 1.2 (measured 1.17-1.35 for the median on the 2-core test machine, which also runs a training
-    # job); 1.5 keeps the test meaningful (the released server: aborted by the flood) without being flaky. The
-    # p95 is the machine's tail more than the server's (1.5-3.0 at load average 5, with or without this code):
-    # bounded at 2 so that only a flood that really queues ahead of the live stream fails it
-    assert med["flood"] < 1.5 * med["quiet"] and p95["flood"] < 2.0 * p95["quiet"]
+    # the aim is 1.2: measured 1.19 and 1.20 (turns 1.16-1.29) on the 2-core test machine at load average 5 (a
+    # training job), with and without max_drops; most of the live latency (median ~6 ms) is the edge's own poll
+    # tick, the flood adds ~0.3-1 ms, and the same flood aimed at another process on this machine adds nothing
+    # (0.8-0.97). 1.35 keeps the test meaningful (the released server: aborted by the flood) without being
+    # flaky. The p95 is the machine's tail more than the server's (1.5-3.0 at load average 5, with or without
+    # this code): bounded at 2 so that only a flood that really queues ahead of the live stream fails it
+    assert statistics.median(ratios) < 1.35, ratios
+    assert p95["flood"] < 2.0 * p95["quiet"]
