@@ -71,6 +71,11 @@ class EdgeClient:
                       "skipped": 0}
         self._sent_once: set[int] = set()
         self.connected = False
+        # the I/O thread sleeps in poll(); a frame queued by the graph wakes it through this pipe, so a live frame
+        # is sent at once instead of after up to one poll period (10 ms)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self.thread = threading.Thread(target=self._io, name=f"{name}-link", daemon=True)
         self.thread.start()
 
@@ -94,12 +99,24 @@ class EdgeClient:
                         return False
                     self.live_q.popleft()
                 self.live_q.append((index, data))
+                self._wake()
                 return not dropped
             while len(self.unacked) >= self.backlog:
                 self._wait_progress()
             self.unacked[index] = data
             self.cond.notify_all()
+            self._wake()
             return True
+
+    def _wake(self) -> None:
+        """Wake the I/O thread from its poll (a byte on the wake pipe; a full pipe is already a wake-up)."""
+        with self.cond:  # the I/O thread closes the pipe under it: never write to a closed (reused) descriptor
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"w")
+            except BlockingIOError:
+                pass
 
     def finish(self, count: int, timeout_s: float | None = None) -> bool:
         """Send end-of-stream after ``count`` frames; replay: wait until all is acknowledged. True when done."""
@@ -112,6 +129,7 @@ class EdgeClient:
             else:
                 self.live_q.append((count, msg))
             self.cond.notify_all()
+            self._wake()
             deadline = time.monotonic() + wait
             while self.error is None:
                 if self.mode == "replay" and not self.unacked:
@@ -128,6 +146,7 @@ class EdgeClient:
         with self.cond:
             self.closing = True
             self.cond.notify_all()
+        self._wake()
         self.thread.join(5)
 
     @property
@@ -183,6 +202,9 @@ class EdgeClient:
         if self.security is not None:
             self.security.apply(sock)
         sock.connect(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         last_hello = 0.0
         try:
             while True:
@@ -204,7 +226,14 @@ class EdgeClient:
                         self.connected = False
                         self.log(f"[{self.name}] server {self.endpoint} silent for "
                                  f"{now - self.last_heard:.1f} s; reconnecting (back-off up to 2 s)")
-                if sock.poll(10, zmq.POLLIN):
+                ready = dict(poller.poll(10))
+                if self._wake_r in ready:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                if sock in ready:
                     while True:
                         try:
                             parts, extra, _ = control.recv_parts(sock, 3)
@@ -232,6 +261,10 @@ class EdgeClient:
         finally:
             if not sock.closed:
                 sock.close(0)
+            with self.cond:
+                fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+            for fd in fds:
+                os.close(fd)
 
     def _on_message(self, parts: list[bytes]) -> None:
         if not parts:
