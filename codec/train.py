@@ -15,6 +15,7 @@ DistributedDataParallel and shard the frames (teachers use Ultralytics' own ``de
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -207,8 +208,10 @@ def _unfinished(last: Path) -> bool:
 def _fit_cached_head(name: str, modules: list[torch.nn.Module], n_train: int, step_loss, evaluate, epochs: int,
                      batch: int, lr: float, log: Path | None, metric: str) -> dict:
     """Train head ``modules`` on cached body features: ``step_loss(indices)`` gives a batch's loss,
-    ``evaluate()`` the held-out ``metric`` (percent) after each epoch; AdamW with a one-cycle schedule. Writes the
-    learning curve to ``log`` (CSV: epoch, train_loss, metric) and returns the last row."""
+    ``evaluate()`` the held-out ``metric`` (percent) after each epoch; AdamW with a one-cycle schedule. The heads
+    keep the weights of their best epoch (as Ultralytics' ``best.pt``: a small head on cached features can overfit
+    before the schedule ends). Writes the learning curve to ``log`` (CSV: epoch, train_loss, metric, seconds) and
+    returns the best row."""
     params = [p for m in modules for p in m.parameters()]
     for m in modules:
         m.requires_grad_(True)
@@ -217,6 +220,8 @@ def _fit_cached_head(name: str, modules: list[torch.nn.Module], n_train: int, st
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps)
     gen = torch.Generator().manual_seed(0)
     rows = []
+    best: tuple[float, int, list[dict]] | None = None
+    t0 = time.perf_counter()
     for epoch in range(epochs):
         for m in modules:
             m.train()
@@ -229,22 +234,29 @@ def _fit_cached_head(name: str, modules: list[torch.nn.Module], n_train: int, st
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         for m in modules:
             m.eval()
         with torch.no_grad():
             value = float(evaluate())
-        rows.append({"epoch": epoch + 1, "train_loss": total / n_train, metric: value})
+        rows.append({"epoch": epoch + 1, "train_loss": total / n_train, metric: value,
+                     "seconds": time.perf_counter() - t0})
+        if best is None or value > best[0]:
+            best = (value, epoch, [copy.deepcopy(m.state_dict()) for m in modules])
         print(f"[train] {name} epoch {epoch + 1}/{epochs}: loss {total / n_train:.4f}, {metric} {value:.1f}",
               flush=True)
+    if best is not None:
+        for m, state in zip(modules, best[2]):
+            m.load_state_dict(state)
+        print(f"[train] {name}: kept epoch {best[1] + 1} ({metric} {best[0]:.1f})", flush=True)
     for m in modules:
         m.requires_grad_(False)
         m.eval()
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(f"epoch,train_loss,{metric}\n" + "".join(
-            f"{r['epoch']},{r['train_loss']:.5f},{r[metric]:.2f}\n" for r in rows))
-    return rows[-1] if rows else {}
+        log.write_text(f"epoch,train_loss,{metric},seconds\n" + "".join(
+            f"{r['epoch']},{r['train_loss']:.5f},{r[metric]:.2f},{r['seconds']:.0f}\n" for r in rows))
+    return rows[best[1]] if best is not None else {}
 
 
 def train_station_head(teachers: MultiTaskTeachers, images: np.ndarray, labels: np.ndarray, epochs: int = 30,

@@ -32,9 +32,12 @@ def test_station_head_learns_and_only_reads_the_band(tmp_path):
     labels = np.array([f.label for f in frames])
     rows = train_station_head(teachers, images, labels, epochs=6, batch=16, lr=5e-3, log=tmp_path / "c.csv")
     log = (tmp_path / "c.csv").read_text().splitlines()
-    assert log[0] == "epoch,train_loss,val_top1" and len(log) == 7
+    assert log[0] == "epoch,train_loss,val_top1,seconds" and len(log) == 7
     losses = [float(line.split(",")[1]) for line in log[1:]]
     assert losses[-1] < losses[0] and 0 <= rows["val_top1"] <= 100
+    # the head keeps its best epoch's weights, and says which one it kept
+    curve = [float(line.split(",")[2]) for line in log[1:]]
+    assert rows["val_top1"] == max(curve) and rows["epoch"] == curve.index(max(curve)) + 1
     # the head reads the band only (128 px: feature columns 1-2 of 4): columns outside it do not matter
     x = torch.from_numpy(images[:2]).permute(0, 3, 1, 2).float() / 255
     cache = teachers.backbone(x)
