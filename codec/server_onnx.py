@@ -8,7 +8,8 @@ PyTorch/numpy on the raw outputs, so every result goes through the same code eit
 The export is made from the loaded checkpoint and cached beside it as ``<stem>.server.onnx`` (or, where that
 folder is read-only, under ``$XDG_CACHE_HOME/ladon``): about 13 MB and 10-20 s once per checkpoint and machine,
 never committed. It is checked on real conveyor frames (raw outputs within ``atol`` of PyTorch's, else no
-export) and carries the model fingerprint, so a file from another checkpoint is refused and re-exported.
+export) and carries the model fingerprint and the checkpoint file's SHA-256, so a file from another checkpoint,
+or from a retrained one with the same fingerprint (heads retrained on the same student), is refused and made again.
 
     python -m codec.server_onnx --checkpoint models/default.pt     # export (or check) it ahead of time
 """
@@ -64,9 +65,20 @@ def _torch_outputs(codec, latent: torch.Tensor, tasks: Sequence[str]) -> list[np
         return [o.numpy() for o in _ServerGraph(codec.model, tasks).eval()(latent)]
 
 
-def export_server(codec, path: str | Path, check_frames: np.ndarray | None = None, atol: float = ATOL) -> Path:
+def checkpoint_digest(checkpoint: str | Path) -> str | None:
+    """SHA-256 of the checkpoint file (None when there is no such file): the fingerprint covers the student and the
+    teachers' architecture, not the teachers' weights, so an export records the file it was made from."""
+    try:
+        return hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def export_server(codec, path: str | Path, check_frames: np.ndarray | None = None, atol: float = ATOL,
+                  source: str | None = None) -> Path:
     """Export ``codec``'s decoder + body + heads to ``path`` (atomically), after checking onnxruntime reproduces
-    PyTorch's raw outputs on real frames within ``atol``. Returns the path."""
+    PyTorch's raw outputs on real frames within ``atol``; ``source``: the checkpoint's digest, recorded so a
+    later load can tell a stale export. Returns the path."""
     import onnx
     import onnxruntime as ort
 
@@ -93,7 +105,7 @@ def export_server(codec, path: str | Path, check_frames: np.ndarray | None = Non
                               opset_version=17, dynamo=False)
         m = onnx.load(str(tmp))
         for k, v in (("format", FORMAT), ("version", str(FORMAT_VERSION)), ("fingerprint", codec.fingerprint.hex()),
-                     ("tasks", ",".join(tasks))):
+                     ("tasks", ",".join(tasks)), ("checkpoint_sha256", source or "")):
             m.metadata_props.add(key=k, value=v)
         onnx.save(m, str(tmp))
         got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {"latent": latent.numpy()})
@@ -114,7 +126,7 @@ def export_server(codec, path: str | Path, check_frames: np.ndarray | None = Non
 class OnnxServer:
     """An onnxruntime session over an export, for the codec whose fingerprint it carries."""
 
-    def __init__(self, path: str | Path, fingerprint: bytes, threads: int | None = None):
+    def __init__(self, path: str | Path, fingerprint: bytes, threads: int | None = None, source: str | None = None):
         import onnx
         import onnxruntime as ort
 
@@ -128,6 +140,10 @@ class OnnxServer:
         if meta.get("fingerprint") != fingerprint.hex():
             raise ServerExportError(f"{path} was exported from model {meta.get('fingerprint')}, not "
                                     f"{fingerprint.hex()}")
+        if source is not None and meta.get("checkpoint_sha256") != source:
+            raise ServerExportError(f"{path} was exported from another file with the same model fingerprint "
+                                    f"(checkpoint SHA-256 {meta.get('checkpoint_sha256') or 'unknown'}, "
+                                    f"not {source}: retrained heads?)")
         self.path, self.tasks = path, tuple(meta.get("tasks", "").split(","))
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(threads or torch.get_num_threads())
@@ -156,17 +172,18 @@ def attach(codec, checkpoint: str | Path, log=None) -> OnnxServer | None:
         say(f"server runtime: onnxruntime not installed ({exc}); decoding with PyTorch")
         return None
     path = server_path(checkpoint)
+    source = checkpoint_digest(checkpoint)
     try:
         if path.is_file():
             try:
-                server = OnnxServer(path, codec.fingerprint)
+                server = OnnxServer(path, codec.fingerprint, source=source)
                 codec.server_runtime = server
                 return server
             except ServerExportError as exc:
                 say(f"server runtime: {exc}; exporting it again")
         say(f"server runtime: exporting decoder + body + heads to {path} for onnxruntime (once per checkpoint)")
-        export_server(codec, path)
-        server = OnnxServer(path, codec.fingerprint)
+        export_server(codec, path, source=source)
+        server = OnnxServer(path, codec.fingerprint, source=source)
     except (ServerExportError, OSError, RuntimeError) as exc:
         say(f"server runtime: no onnxruntime export ({exc}); decoding with PyTorch")
         return None
@@ -184,7 +201,8 @@ def export_ready(checkpoint: str | Path, fingerprint: bytes) -> bool:
     except Exception:  # noqa: BLE001 - missing or unreadable: not ready
         return False
     return (meta.get("format") == FORMAT and meta.get("version") == str(FORMAT_VERSION)
-            and meta.get("fingerprint") == fingerprint.hex())
+            and meta.get("fingerprint") == fingerprint.hex()
+            and meta.get("checkpoint_sha256") == checkpoint_digest(checkpoint))
 
 
 def main(argv=None) -> int:

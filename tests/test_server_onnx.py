@@ -71,6 +71,37 @@ def test_a_foreign_export_is_refused_then_made_again(checkpoint, tmp_path):
     assert OnnxServer(path, codec.fingerprint).covers(("detection", "segmentation", "classification"))
 
 
+def test_an_export_of_the_same_model_with_other_head_weights_is_made_again(checkpoint):
+    """Retrained heads keep the fingerprint (it covers the student and the teachers' architecture): the export
+    records the checkpoint file's digest, so the old graph is not used for the new weights."""
+    import torch
+
+    from codec.server_onnx import attach, export_ready
+
+    base = load_codec(checkpoint, runtime="auto")  # makes (or finds) the export of the original file
+    retrained = load_codec(checkpoint, fuse=False)
+    sem = retrained.model.teachers.semantic.model[-1]
+    with torch.no_grad():
+        next(p for p in sem.parameters() if p.dim() == 1).add_(3.0)
+    other = retrained.save(checkpoint.parent / "retrained.pt")
+    assert retrained.fingerprint == base.fingerprint
+    shutil.copy(server_path(checkpoint), server_path(other))  # the stale graph, beside the new file
+    assert not export_ready(other, base.fingerprint)
+    with pytest.raises(ServerExportError, match="another file with the same model fingerprint"):
+        from codec.server_onnx import checkpoint_digest
+
+        OnnxServer(server_path(other), base.fingerprint, source=checkpoint_digest(other))
+    logs: list[str] = []
+    codec = load_codec(other)
+    assert attach(codec, other, log=logs.append) is not None
+    assert any("exporting it again" in m for m in logs) and export_ready(other, base.fingerprint)
+    frames = np.stack([f.image for f in ConveyorLine(LineConfig(size=256, seed=5)).frames(2)])
+    latent = codec.decode_latents(codec.encode(frames))
+    new = codec.server_runtime.raw_outputs(latent)["segmentation"]
+    old = base.server_runtime.raw_outputs(latent)["segmentation"]
+    assert (new - old).abs().max() > 1.0  # the new weights run, not the cached graph of the old ones
+
+
 def test_runtime_values_are_checked(checkpoint):
     with pytest.raises(CodecError, match="runtime 'gpu' must be torch, auto or onnx"):
         load_codec(checkpoint, runtime="gpu")
