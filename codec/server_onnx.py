@@ -123,27 +123,40 @@ def export_server(codec, path: str | Path, check_frames: np.ndarray | None = Non
     return path
 
 
+def _read_meta(path: Path) -> dict[str, str]:
+    """An export's metadata (ServerExportError when the file is not a readable ONNX file)."""
+    import onnx
+
+    try:
+        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is "not an export"
+        raise ServerExportError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from exc
+
+
+def _refusal(path: Path, meta: dict[str, str], fingerprint: bytes, source: str | None) -> str | None:
+    """Why the export at ``path`` is not this model's (``source``: the checkpoint digest, None to skip that
+    check), or None when it is: the one check both loading and ``export_ready`` apply."""
+    if meta.get("format") != FORMAT or meta.get("version") != str(FORMAT_VERSION):
+        return f"{path} is not a {FORMAT} v{FORMAT_VERSION} file"
+    if meta.get("fingerprint") != fingerprint.hex():
+        return f"{path} was exported from model {meta.get('fingerprint')}, not {fingerprint.hex()}"
+    if source is not None and meta.get("checkpoint_sha256") != source:
+        return (f"{path} was exported from another file with the same model fingerprint (checkpoint SHA-256 "
+                f"{meta.get('checkpoint_sha256') or 'unknown'}, not {source}: retrained heads?)")
+    return None
+
+
 class OnnxServer:
     """An onnxruntime session over an export, for the codec whose fingerprint it carries."""
 
     def __init__(self, path: str | Path, fingerprint: bytes, threads: int | None = None, source: str | None = None):
-        import onnx
         import onnxruntime as ort
 
         path = Path(path)
-        try:
-            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is "not an export"
-            raise ServerExportError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from exc
-        if meta.get("format") != FORMAT or meta.get("version") != str(FORMAT_VERSION):
-            raise ServerExportError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} file")
-        if meta.get("fingerprint") != fingerprint.hex():
-            raise ServerExportError(f"{path} was exported from model {meta.get('fingerprint')}, not "
-                                    f"{fingerprint.hex()}")
-        if source is not None and meta.get("checkpoint_sha256") != source:
-            raise ServerExportError(f"{path} was exported from another file with the same model fingerprint "
-                                    f"(checkpoint SHA-256 {meta.get('checkpoint_sha256') or 'unknown'}, "
-                                    f"not {source}: retrained heads?)")
+        meta = _read_meta(path)
+        reason = _refusal(path, meta, fingerprint, source)
+        if reason is not None:
+            raise ServerExportError(reason)
         self.path, self.tasks = path, tuple(meta.get("tasks", "").split(","))
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(threads or torch.get_num_threads())
@@ -193,16 +206,12 @@ def attach(codec, checkpoint: str | Path, log=None) -> OnnxServer | None:
 
 def export_ready(checkpoint: str | Path, fingerprint: bytes) -> bool:
     """Whether ``checkpoint``'s export is there and is this model's (its metadata only: no session is made)."""
-    import onnx
-
     path = server_path(checkpoint)
     try:
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    except Exception:  # noqa: BLE001 - missing or unreadable: not ready
+        meta = _read_meta(path)
+    except ServerExportError:  # missing or unreadable: not ready
         return False
-    return (meta.get("format") == FORMAT and meta.get("version") == str(FORMAT_VERSION)
-            and meta.get("fingerprint") == fingerprint.hex()
-            and meta.get("checkpoint_sha256") == checkpoint_digest(checkpoint))
+    return _refusal(path, meta, fingerprint, checkpoint_digest(checkpoint) or "") is None
 
 
 def main(argv=None) -> int:
