@@ -355,7 +355,9 @@ def test_a_flood_from_one_peer_does_not_slow_another_peers_live_stream(tmp_path)
     # is woken), so the quiet median is ~1 ms here and any fixed cost reads as a large ratio. Measured on the
     # 2-core test machine at load average 5 (a training job): quiet median 0.9 ms, flood 2.7 ms (the server
     # reading ~110k messages/s it then drops costs it ~1/3 of a core); before the edge wake-up 6 ms and 6.6-7.6.
-    # A flood that queued the live stream behind it would add seconds; one frame period (50 ms) is the p95 bound.
+    # A flood that queued the live stream behind it would add seconds. The p95 bound is three frame periods
+    # (150 ms), not one: on the CI machine the pooled flood p95 once read 53 ms with every turn's median fine
+    # (scheduler noise of a shared 2-core machine, not queuing); the measured ratio is reported in the README.
     print(f"added by the flood, per turn: {', '.join(f'{a:.1f}' for a in added)} ms")
     assert statistics.median(added) < 8.0, added
-    assert p95["flood"] < 50.0, p95
+    assert p95["flood"] < 150.0, p95
