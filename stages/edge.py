@@ -11,7 +11,7 @@ import numpy as np
 import core.offline  # noqa: F401  (before ultralytics, which only letterbox_params imports)
 from core.errors import UsageError
 from core.geometry import Letterbox, letterbox_image, letterbox_params  # noqa: F401 - re-exported (former home)
-from pipeline.codecs import get_codec
+from pipeline.codecs import get_codec, warm_up
 from pipeline.stage import Frame, Packet, Source, Stage, register_stage
 from transport import wire
 
@@ -32,6 +32,7 @@ class EdgeEncode(Stage):
         super().open(ctx)
         self.codec = get_codec(self.checkpoint, edge_only=True)
         self.size = int(self.codec.input_size)
+        warm_up(self.codec)
         # the senders downstream that know where their server stands (EdgeSend.resume_at): frames every one of
         # them would skip as already committed are not encoded either
         rt = ctx.runtime

@@ -5,7 +5,7 @@ import math
 import time
 from typing import Iterator
 
-from pipeline.codecs import get_codec
+from pipeline.codecs import get_codec, warm_up
 from pipeline.envelope import Completion, FrameMeta
 from pipeline.stage import Features, FrameResult, Packet, Source, Stage, register_stage
 from core.geometry import letterbox_params
@@ -289,6 +289,7 @@ class ServerDecode(Stage):
         super().open(ctx)
         self.codec = get_codec(self.checkpoint)
         self._lb: dict[tuple[int, int], object] = {}
+        warm_up(self.codec, decode=True)
 
     def _encoded(self, p: Packet):
         """The packet's wire header and its payload as the codec takes it."""

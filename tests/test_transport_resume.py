@@ -310,3 +310,27 @@ def test_live_streams_get_the_shallow_window_replays_the_deep_one():
         for e in (live, replay):
             _kill(e)
         srv.close()
+
+
+def test_a_live_edge_is_welcomed_in_milliseconds_and_drops_none_of_its_first_frames():
+    """The first hello goes out before the TCP connection exists (the socket queues to completed connections
+    only), so it was lost and the next came a heartbeat (0.5 s) later: a 20 fps live camera dropped its first
+    frames every start. A hello that finds no connection is retried within milliseconds."""
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    srv = _Server(ep)
+    t0 = time.monotonic()
+    live = EdgeClient(ep, 7, FP, "live", log=lambda m: None, timeout_s=20, heartbeat_s=0.5)
+    try:
+        wait_for(lambda: live.connected, 5, "welcomed")
+        took = time.monotonic() - t0
+        for i in range(10):  # a camera at 20 frames/s from then on
+            assert live.submit(i, wire.pack(wire.WireHeader(7, i, 1, 2, FP, SHAPE, (64, 64), 0, wire.FLAG_LIVE),
+                                            b"p" * 8))
+            time.sleep(0.05)
+        wait_for(lambda: len(srv.indices(7)) == 10, 5, "ten live frames")
+        print(f"\nlive edge welcomed {1000 * took:.0f} ms after it started (heartbeat 500 ms)")
+        assert took < 0.25, took
+        assert srv.indices(7) == list(range(10)) and live.stats["dropped"] == 0
+    finally:
+        _kill(live)
+        srv.close()

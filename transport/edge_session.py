@@ -220,8 +220,8 @@ class EdgeClient:
                     last_hello = now
                     try:
                         sock.send_multipart(self._hello(), zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
+                    except zmq.Again:  # no connection yet (IMMEDIATE): try again in 20 ms, not a heartbeat later,
+                        last_hello = now - self.heartbeat_s + 0.02  # or a live camera drops its first frames
                     if self.connected and now - self.last_heard > max(3.0, 6 * self.heartbeat_s):
                         self.connected = False
                         self.log(f"[{self.name}] server {self.endpoint} silent for "
