@@ -12,6 +12,7 @@ Each task's accumulator (``add(prediction, truth)``, ``summary() -> dict``) is i
 :mod:`codec.tasks`; :class:`TaskMetrics` holds one per registered task."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -26,9 +27,14 @@ class DetectionMetric:
     """Box AP with Ultralytics' matching; truth is ``(boxes (N, 4) xyxy, classes (N,))``."""
 
     def __init__(self):
+        import tempfile
+
         from ultralytics.models.yolo.detect import DetectionValidator
 
-        self._matcher = DetectionValidator()  # its match_predictions and IoU thresholds 0.50:0.95
+        # its match_predictions and IoU thresholds 0.50:0.95; a validator makes its save folder at once (by default
+        # a new runs/detect/train-N in the working directory on every eval): give it one that is removed again
+        with tempfile.TemporaryDirectory() as scratch:
+            self._matcher = DetectionValidator(save_dir=Path(scratch))
         self.iouv = self._matcher.iouv
         self.tp, self.conf, self.pred_cls, self.target_cls = [], [], [], []
         self.tp_any = []  # class-agnostic matches at IoU 0.5

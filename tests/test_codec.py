@@ -218,3 +218,14 @@ def test_eval_with_a_missing_checkpoint_exits_2(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "nope.pt" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_box_metric_leaves_no_folders_behind():
+    """Ultralytics' validator makes its save folder when it is built (runs/detect/train-N, or a tests folder under
+    pytest): eval used to leave one behind per run. The metric's matcher gets a scratch folder, removed again."""
+    from codec.metrics import DetectionMetric
+
+    metric = DetectionMetric()
+    metric.add({"boxes": [[0, 0, 10, 10]], "classes": [1], "scores": [0.9]}, (np.array([[0, 0, 10, 10]]), np.array([1])))
+    assert metric.summary()["items_ap50"] > 99
+    assert not Path(metric._matcher.save_dir).exists(), metric._matcher.save_dir
