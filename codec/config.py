@@ -32,7 +32,7 @@ class TeacherConfig:
     detect_yaml: str = "yolo26n.yaml"
     semantic_yaml: str = "yolo26n-sem.yaml"
     classify_yaml: str = "yolo26n-cls.yaml"
-    epochs: int = 8
+    epochs: int = 8  # 0 with detect_init: that detector as it is, no more training
     time: float | None = None  # hours for the detector instead of epochs (Ultralytics fits its schedule to it)
     head_epochs: int = 10  # segmentation head on the frozen body's cached features
     classify_epochs: int = 30  # station classification head on cached body features (seconds per epoch)
@@ -75,6 +75,9 @@ class Stage2Config:
     lr: float = 2e-4
     kd_weight: float = 0.5  # classification: (1-kd) CE + kd KL, as Ladon
     feature_weight: float = 1.0
+    # then the segmentation head retrained on the teachers' and the student's body features, best epoch by mIoU on
+    # the student's (codec.train.train_semantic_head ``bodies``); 0: the teachers' head as trained on their own
+    semantic_head_epochs: int = 0
 
 
 @dataclass

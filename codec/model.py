@@ -50,3 +50,11 @@ class SplitModel(nn.Module):
     def teacher_features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         return self.teachers.backbone(x)
 
+    @torch.no_grad()
+    def decoded_features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The body features the server computes from the edge's bitstream: latent rounded as the entropy coder
+        does, decoder, shared body (what the heads really read, unlike ``forward_train``'s noisy latent)."""
+        eb = self.entropy_bottleneck
+        y_hat = eb.quantize(self.encoder(x), "dequantize", eb._get_medians())
+        return self.body_from_split(self.decoder(y_hat))
+

@@ -153,6 +153,14 @@ def train_teachers(cfg: TrainConfig, run: Path, data_dir: Path) -> MultiTaskTeac
 
     weights = {}
     for name, yaml_file, data, extra in jobs:
+        if name == "detect" and t.detect_init and t.epochs == 0:  # the given detector as it is, no more epochs
+            if not Path(t.detect_init).is_file():
+                raise UsageError(f"teachers.detect_init {t.detect_init}: no such file (teachers.epochs 0 uses it as "
+                                 f"the detector); give an Ultralytics detector checkpoint such as "
+                                 f"models/teachers/detect.pt")
+            print(f"[train] teacher 'detect': {t.detect_init} as it is (teachers.epochs 0)", flush=True)
+            weights[name] = Path(t.detect_init)
+            continue
         best = root / name / "weights" / "best.pt"
         last = root / name / "weights" / "last.pt"
         if not best.is_file() or _unfinished(last):
@@ -293,31 +301,41 @@ def train_station_head(teachers: MultiTaskTeachers, images: np.ndarray, labels: 
 
 
 def train_semantic_head(teachers: MultiTaskTeachers, images: np.ndarray, semantic: np.ndarray, epochs: int = 12,
-                        batch: int = 32, lr: float = 2e-3, val_fraction: float = 0.1, log: Path | None = None) -> dict:
+                        batch: int = 32, lr: float = 2e-3, val_fraction: float = 0.1, log: Path | None = None,
+                        bodies: list | None = None) -> dict:
     """Train the segmentation head (yolo26-sem layers 11-17) on the frozen body's cached features.
 
     The head reads body layers 4, 6 and 10; they are computed once (half precision, about 0.4 MB per frame at
     256 px), so an epoch costs the head alone: on 2 CPU cores many epochs take the time Ultralytics' trainer
     needs for one, since it recomputes the frozen body and its augmentation every step. Loss: cross-entropy of the
     upsampled logits (and 0.4 x the auxiliary output's) plus soft Dice, so small garments weigh against the
-    background; validation: mIoU from one confusion matrix at full resolution (``log`` column ``val_miou``)."""
+    background; validation: mIoU from one confusion matrix at full resolution (``log`` column ``val_miou``).
+
+    ``bodies``: functions frame batch -> body feature cache, each giving the head one more copy of the training
+    frames (default: the teachers' body alone). With the split model's decoded path as the last one, the head
+    learns from the teachers' features and from what the server will really give it, and is validated on the
+    latter."""
     from codec.metrics import SegmentationMetric
     from codec.teachers import run_layers
 
     sem = teachers.semantic
     taps = sorted({j for m in sem.model[SEM_HEAD_START:] for j in ([m.f] if isinstance(m.f, int) else m.f)
                    if j not in (-1,) and j < SEM_HEAD_START} | {SEM_HEAD_START - 1})
+    bodies = bodies or [teachers.backbone]
     cached: dict[int, list[torch.Tensor]] = {j: [] for j in taps}
     with torch.no_grad():
-        for i in tqdm(range(0, len(images), 32), desc="segmentation features", unit="batch"):
-            x = torch.from_numpy(images[i:i + 32]).permute(0, 3, 1, 2).float().div(255.0)
-            cache = teachers.backbone(x)
-            for j in taps:
-                cached[j].append(cache[j].half())
-    feats = {j: torch.cat(v) for j, v in cached.items()}
+        for body in bodies:
+            for i in tqdm(range(0, len(images), 32), desc="segmentation features", unit="batch"):
+                x = torch.from_numpy(images[i:i + 32]).permute(0, 3, 1, 2).float().div(255.0)
+                cache = body(x)
+                for j in taps:
+                    cached[j].append(cache[j].half())
+    feats = {j: torch.cat(v) for j, v in cached.items()}  # body k's frame i at k * n + i
     n = len(images)
     n_val = max(1, int(n * val_fraction))
     n_train = n - n_val
+    train_rows = torch.cat([torch.arange(k * n, k * n + n_train) for k in range(len(bodies))])
+    val_start = (len(bodies) - 1) * n + n_train  # the last body's held-out frames
     side = 128  # loss resolution: logits upsampled, masks subsampled (nearest)
     masks = torch.from_numpy(np.stack([cv2_resize_nearest(m, side) for m in semantic])).long()
     num = _num_semantic_classes(sem)
@@ -329,8 +347,9 @@ def train_semantic_head(teachers: MultiTaskTeachers, images: np.ndarray, semanti
         return out if isinstance(out, (tuple, list)) else (out,)
 
     def step_loss(idx):
+        idx = train_rows[idx]
         outs = forward(idx)
-        target = masks[idx]
+        target = masks[idx % n]
         loss = 0.0
         for k, logits in enumerate(outs):
             up = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)
@@ -348,15 +367,15 @@ def train_semantic_head(teachers: MultiTaskTeachers, images: np.ndarray, semanti
         metric = SegmentationMetric(num)
         for i in range(n_train, n, 32):
             idx = torch.arange(i, min(i + 32, n))
-            logits = forward(idx)[0]
+            logits = forward(idx - n_train + val_start)[0]
             up = F.interpolate(logits.contiguous(memory_format=torch.channels_last),
                                size=semantic.shape[1:], mode="bilinear", align_corners=False)
             for p, g in zip(up.argmax(1).numpy(), semantic[i:i + 32]):
                 metric.add(p, g)
         return metric.summary().get("miou", 0.0)
 
-    return _fit_cached_head("segmentation head", head, n_train, step_loss, evaluate, epochs, batch, lr, log,
-                            "val_miou")
+    return _fit_cached_head("segmentation head", head, len(train_rows), step_loss, evaluate, epochs, batch, lr,
+                            log, "val_miou")
 
 
 def cv2_resize_nearest(mask: np.ndarray, side: int) -> np.ndarray:
@@ -607,11 +626,18 @@ def train(cfg: TrainConfig, resume: bool = False, only_beta: float | None = None
                 export_default(cfg, final)
             continue
         seed_everything(cfg.seed)
-        model = build_split_model(cfg, teachers)
+        # each rate gets the teachers as trained: the segmentation head retrained on one student's features after
+        # stage 2 (stage2.semantic_head_epochs) must not carry over to the next rate's
+        model = build_split_model(cfg, copy.deepcopy(teachers) if cfg.stage2.semantic_head_epochs else teachers)
         tb = time.perf_counter()
         run_stage1(cfg, model, arrays["images"], beta, out / "stage1", resume)
         if cfg.stage2.epochs > 0:
             run_stage2(cfg, model, arrays, out / "stage2", resume)
+        if cfg.stage2.semantic_head_epochs > 0:  # the heads are shared: the teachers' figures change with it
+            model.eval()
+            train_semantic_head(model.teachers, arrays["images"], arrays["semantic"],
+                                epochs=cfg.stage2.semantic_head_epochs, log=out / "semantic_head.csv",
+                                bodies=[model.teachers.backbone, model.decoded_features])
         model.entropy_bottleneck.update(force=True)
         codec = SplitCodec(model.eval())
         codec.save(final, extra={"beta": beta, "config": cfg.to_dict(), "cpu_seconds": time.perf_counter() - tb})
