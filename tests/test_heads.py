@@ -1,6 +1,6 @@
 """The segmentation head retrained on several bodies' cached features (the teachers' and the split model's
 decoded path, ``stage2.semantic_head_epochs``): it trains on every body's frames and is validated, and its best
-epoch kept, on the last body's. Tiny teachers (128 px), a few scenes."""
+epoch kept, on the last body's. The shipped model's trained heads, a few held-out scenes."""
 from __future__ import annotations
 
 from pathlib import Path
