@@ -51,10 +51,14 @@ class SplitModel(nn.Module):
         return self.teachers.backbone(x)
 
     @torch.no_grad()
-    def decoded_features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """The body features the server computes from the edge's bitstream: latent rounded as the entropy coder
-        does, decoder, shared body (what the heads really read, unlike ``forward_train``'s noisy latent)."""
+    def rounded_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The latent as the entropy coder sends it (rounded around the medians), not ``forward_train``'s noisy one."""
         eb = self.entropy_bottleneck
-        y_hat = eb.quantize(self.encoder(x), "dequantize", eb._get_medians())
-        return self.body_from_split(self.decoder(y_hat))
+        return eb.quantize(self.encoder(x), "dequantize", eb._get_medians())
+
+    @torch.no_grad()
+    def decoded_features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The body features the server computes from the edge's bitstream: rounded latent, decoder, shared body
+        (what the heads really read)."""
+        return self.body_from_split(self.decoder(self.rounded_latent(x)))
 

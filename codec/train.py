@@ -426,9 +426,7 @@ def stage2_loss(model: SplitModel, x: torch.Tensor, semantic: torch.Tensor, labe
         t_cls = teachers.head_raw("classification", t_cache)
         t_sem = teachers.head_raw("segmentation", t_cache)
         t_det = teachers.head_raw("detection", t_cache)
-    with torch.no_grad():
-        y_hat = model.entropy_bottleneck.quantize(model.encoder(x), "dequantize",
-                                                  model.entropy_bottleneck._get_medians())
+    y_hat = model.rounded_latent(x)
     cache = model.body_from_split(model.decoder(y_hat))
     s_cls = teachers.head_raw("classification", cache)
     s_sem = teachers.head_raw("segmentation", cache)
