@@ -78,6 +78,9 @@ class Stage2Config:
     # then the segmentation head retrained on the teachers' and the student's body features, best epoch by mIoU on
     # the student's (codec.train.train_semantic_head ``bodies``); 0: the teachers' head as trained on their own
     semantic_head_epochs: int = 0
+    # then the detector's neck and head likewise, best epoch by box mAP50-95 on the student's path, the detector as
+    # it came kept when no epoch beats it (codec.train.train_detection_head); 0: the detector as trained
+    detect_head_epochs: int = 0
 
 
 @dataclass

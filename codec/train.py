@@ -33,7 +33,7 @@ from codec.api import SplitCodec
 from codec.config import TrainConfig, dump_config
 from codec.model import SplitModel
 from codec.student import StudentSpec
-from codec.teachers import CLS_HEAD_START, SEM_HEAD_START, MultiTaskTeachers
+from codec.teachers import BODY_END, CLS_HEAD_START, SEM_HEAD_START, MultiTaskTeachers
 from conveyor.classes import FRAME_LABELS, SEMANTIC_NAMES
 from core.errors import UsageError
 
@@ -214,12 +214,16 @@ def _unfinished(last: Path) -> bool:
 
 
 def _fit_cached_head(name: str, modules: list[torch.nn.Module], n_train: int, step_loss, evaluate, epochs: int,
-                     batch: int, lr: float, log: Path | None, metric: str) -> dict:
+                     batch: int, lr: float, log: Path | None, metric: str, keep_initial: bool = False,
+                     freeze_norm: bool = False) -> dict:
     """Train head ``modules`` on cached body features: ``step_loss(indices)`` gives a batch's loss,
     ``evaluate()`` the held-out ``metric`` (percent) after each epoch; AdamW with a one-cycle schedule. The heads
     keep the weights of their best epoch (as Ultralytics' ``best.pt``: a small head on cached features can overfit
-    before the schedule ends). Writes the learning curve to ``log`` (CSV: epoch, train_loss, metric, seconds) and
-    returns the best row."""
+    before the schedule ends); with ``keep_initial`` the weights as they came are scored first (epoch 0) and kept
+    when no epoch beats them, so fine-tuning a trained head cannot make it worse on the held-out frames.
+    ``freeze_norm`` keeps BatchNorm statistics as they are (a fine-tuned head's running statistics came from many
+    more frames than the cache holds). Writes the learning curve to ``log`` (CSV: epoch, train_loss, metric,
+    seconds) and returns the best row."""
     params = [p for m in modules for p in m.parameters()]
     for m in modules:
         m.requires_grad_(True)
@@ -230,9 +234,21 @@ def _fit_cached_head(name: str, modules: list[torch.nn.Module], n_train: int, st
     rows = []
     best: tuple[float, int, list[dict]] | None = None
     t0 = time.perf_counter()
+    if keep_initial:
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            value = float(evaluate())
+        rows.append({"epoch": 0, "train_loss": float("nan"), metric: value, "seconds": 0.0})
+        best = (value, 0, [copy.deepcopy(m.state_dict()) for m in modules])
+        print(f"[train] {name} as it came: {metric} {value:.1f}", flush=True)
     for epoch in range(epochs):
         for m in modules:
             m.train()
+            if freeze_norm:
+                for norm in m.modules():
+                    if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+                        norm.eval()
         order = torch.randperm(n_train, generator=gen)
         total = 0.0
         for s in range(steps):
@@ -250,13 +266,13 @@ def _fit_cached_head(name: str, modules: list[torch.nn.Module], n_train: int, st
         rows.append({"epoch": epoch + 1, "train_loss": total / n_train, metric: value,
                      "seconds": time.perf_counter() - t0})
         if best is None or value > best[0]:
-            best = (value, epoch, [copy.deepcopy(m.state_dict()) for m in modules])
+            best = (value, len(rows) - 1, [copy.deepcopy(m.state_dict()) for m in modules])
         print(f"[train] {name} epoch {epoch + 1}/{epochs}: loss {total / n_train:.4f}, {metric} {value:.1f}",
               flush=True)
     if best is not None:
         for m, state in zip(modules, best[2]):
             m.load_state_dict(state)
-        print(f"[train] {name}: kept epoch {best[1] + 1} ({metric} {best[0]:.1f})", flush=True)
+        print(f"[train] {name}: kept epoch {rows[best[1]]['epoch']} ({metric} {best[0]:.1f})", flush=True)
     for m in modules:
         m.requires_grad_(False)
         m.eval()
@@ -300,9 +316,39 @@ def train_station_head(teachers: MultiTaskTeachers, images: np.ndarray, labels: 
                             "val_top1")
 
 
+def head_taps(model: torch.nn.Module, start: int) -> list[int]:
+    """The body layers (below ``start``) that ``model``'s layers from ``start`` on read."""
+    return sorted({j for m in model.model[start:] for j in ([m.f] if isinstance(m.f, int) else m.f)
+                   if j != -1 and j < start} | {start - 1})
+
+
+def cache_body_features(bodies: list, images: np.ndarray, taps: list[int], batch: int = 32) -> dict[int, torch.Tensor]:
+    """Body layers ``taps`` for every frame under every body (half precision, body k's frame i at row k * n + i):
+    computed once, so a head trained on them costs the head alone per epoch. ``bodies``: functions frame batch
+    (B, 3, S, S in 0..1) -> body feature cache (layer -> tensor)."""
+    cached: dict[int, list[torch.Tensor]] = {j: [] for j in taps}
+    with torch.no_grad():
+        for body in bodies:
+            for i in tqdm(range(0, len(images), batch), desc="body features", unit="batch"):
+                x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float().div(255.0)
+                cache = body(x)
+                for j in taps:
+                    cached[j].append(cache[j].half())
+    return {j: torch.cat(v) for j, v in cached.items()}
+
+
+def _cached_rows(n: int, n_bodies: int, val_fraction: float) -> tuple[int, torch.Tensor, int]:
+    """Rows of a :func:`cache_body_features` cache: (frames held out, training rows of every body, first held-out
+    row of the last body). The last ``val_fraction`` of frames is held out under every body."""
+    n_val = max(1, int(n * val_fraction))
+    n_train = n - n_val
+    train_rows = torch.cat([torch.arange(k * n, k * n + n_train) for k in range(n_bodies)])
+    return n_val, train_rows, (n_bodies - 1) * n + n_train
+
+
 def train_semantic_head(teachers: MultiTaskTeachers, images: np.ndarray, semantic: np.ndarray, epochs: int = 12,
                         batch: int = 32, lr: float = 2e-3, val_fraction: float = 0.1, log: Path | None = None,
-                        bodies: list | None = None) -> dict:
+                        bodies: list | None = None, features: dict[int, torch.Tensor] | None = None) -> dict:
     """Train the segmentation head (yolo26-sem layers 11-17) on the frozen body's cached features.
 
     The head reads body layers 4, 6 and 10; they are computed once (half precision, about 0.4 MB per frame at
@@ -314,28 +360,17 @@ def train_semantic_head(teachers: MultiTaskTeachers, images: np.ndarray, semanti
     ``bodies``: functions frame batch -> body feature cache, each giving the head one more copy of the training
     frames (default: the teachers' body alone). With the split model's decoded path as the last one, the head
     learns from the teachers' features and from what the server will really give it, and is validated on the
-    latter."""
+    latter. ``features``: the same bodies' :func:`cache_body_features`, when already computed."""
     from codec.metrics import SegmentationMetric
     from codec.teachers import run_layers
 
     sem = teachers.semantic
-    taps = sorted({j for m in sem.model[SEM_HEAD_START:] for j in ([m.f] if isinstance(m.f, int) else m.f)
-                   if j not in (-1,) and j < SEM_HEAD_START} | {SEM_HEAD_START - 1})
+    taps = head_taps(sem, SEM_HEAD_START)
     bodies = bodies or [teachers.backbone]
-    cached: dict[int, list[torch.Tensor]] = {j: [] for j in taps}
-    with torch.no_grad():
-        for body in bodies:
-            for i in tqdm(range(0, len(images), 32), desc="segmentation features", unit="batch"):
-                x = torch.from_numpy(images[i:i + 32]).permute(0, 3, 1, 2).float().div(255.0)
-                cache = body(x)
-                for j in taps:
-                    cached[j].append(cache[j].half())
-    feats = {j: torch.cat(v) for j, v in cached.items()}  # body k's frame i at k * n + i
+    feats = features if features is not None else cache_body_features(bodies, images, taps)
     n = len(images)
-    n_val = max(1, int(n * val_fraction))
+    n_val, train_rows, val_start = _cached_rows(n, len(bodies), val_fraction)
     n_train = n - n_val
-    train_rows = torch.cat([torch.arange(k * n, k * n + n_train) for k in range(len(bodies))])
-    val_start = (len(bodies) - 1) * n + n_train  # the last body's held-out frames
     side = 128  # loss resolution: logits upsampled, masks subsampled (nearest)
     masks = torch.from_numpy(np.stack([cv2_resize_nearest(m, side) for m in semantic])).long()
     num = _num_semantic_classes(sem)
@@ -376,6 +411,89 @@ def train_semantic_head(teachers: MultiTaskTeachers, images: np.ndarray, semanti
 
     return _fit_cached_head("segmentation head", head, len(train_rows), step_loss, evaluate, epochs, batch, lr,
                             log, "val_miou")
+
+
+def read_detection_labels(data_dir: Path, count: int) -> list[np.ndarray]:
+    """Boxes of training scenes ``0 .. count-1`` from the run's Ultralytics detection dataset: one ``(N, 5)``
+    array per scene, rows ``class, cx, cy, w, h`` normalised to the frame (the files ``make_data`` wrote)."""
+    labels = []
+    for i in range(count):
+        paths = [data_dir / "detect" / "labels" / split / f"{i:06d}.txt" for split in ("train", "val")]
+        path = next((p for p in paths if p.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"no detection labels for training scene {i} under {data_dir / 'detect'}: "
+                                    f"remove {data_dir} and its frames.npz to render the scenes again")
+        text = path.read_text(encoding="utf-8").strip()
+        rows = np.array([line.split() for line in text.splitlines()], np.float32) if text else np.zeros((0, 5))
+        labels.append(rows.reshape(-1, 5).astype(np.float32))
+    return labels
+
+
+def train_detection_head(teachers: MultiTaskTeachers, images: np.ndarray, labels: list[np.ndarray],
+                         epochs: int = 3, batch: int = 16, lr: float = 1e-4, val_fraction: float = 0.1,
+                         log: Path | None = None, bodies: list | None = None,
+                         features: dict[int, torch.Tensor] | None = None) -> dict:
+    """Fine-tune the detector's neck and head (layers 11 on) on cached body features, the detection counterpart
+    of :func:`train_semantic_head` (same ``bodies`` and ``features``).
+
+    Loss: Ultralytics' own detection loss (task-aligned assignment, box, class and DFL/L1 terms with its default
+    gains) on the branch the server decodes (one-to-many with NMS, or one-to-one for an end-to-end detector), with
+    ``labels`` from :func:`read_detection_labels`; BatchNorm statistics stay as the detector's training left them.
+    Validation: box mAP50-95 on the last body's held-out frames (``log`` column ``val_map50_95``); the weights as
+    they came are scored first and kept when no epoch beats them."""
+    from types import SimpleNamespace
+
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils.loss import v8DetectionLoss
+    from ultralytics.utils.ops import xywh2xyxy
+
+    from codec.metrics import DetectionMetric
+    from codec.teachers import postprocess, run_layers
+
+    det = teachers.detect
+    if len(labels) != len(images):
+        raise ValueError(f"{len(labels)} label sets for {len(images)} frames")
+    taps = head_taps(det, BODY_END)
+    bodies = bodies or [teachers.backbone]
+    feats = features if features is not None else cache_body_features(bodies, images, taps)
+    n = len(images)
+    n_val, train_rows, val_start = _cached_rows(n, len(bodies), val_fraction)
+    n_train = n - n_val
+    side = images.shape[1]
+    end2end = bool(getattr(det, "end2end", False))
+    branch = "one2one" if end2end else "one2many"
+    # the loss reads the model's hyperparameters (Ultralytics' defaults), its Detect layer and its device
+    owner = SimpleNamespace(args=get_cfg(), model=det.model, parameters=det.parameters)
+    criterion = v8DetectionLoss(owner, tal_topk=7, tal_topk2=1) if end2end else v8DetectionLoss(owner)
+    head = [det.model[i] for i in range(BODY_END, len(det.model))]
+
+    def forward(idx):
+        return run_layers(det, {j: feats[j][idx].float() for j in taps}, BODY_END)
+
+    def step_loss(idx):
+        rows = train_rows[idx]
+        preds = forward(rows)
+        preds = preds[branch] if branch in preds else preds
+        targets = [torch.from_numpy(labels[int(r) % n]) for r in rows]
+        found = torch.cat(targets)
+        batch_data = {"batch_idx": torch.cat([torch.full((len(t),), k, dtype=torch.float32)
+                                              for k, t in enumerate(targets)]),
+                      "cls": found[:, 0], "bboxes": found[:, 1:5]}
+        return criterion.get_assigned_targets_and_loss(preds, batch_data)[1].sum()
+
+    def evaluate():
+        metric = DetectionMetric()
+        for i in range(n_train, n, 32):
+            idx = torch.arange(i, min(i + 32, n))
+            results = postprocess("detection", forward(idx - n_train + val_start), side, conf=0.001,
+                                  end2end=end2end)
+            for k, result in zip(idx.tolist(), results):
+                truth = labels[k]
+                metric.add(result, (xywh2xyxy(truth[:, 1:5]) * side, truth[:, 0].astype(np.int64)))
+        return metric.summary().get("box_map50_95", 0.0)
+
+    return _fit_cached_head("detection head", head, len(train_rows), step_loss, evaluate, epochs, batch, lr,
+                            log, "val_map50_95", keep_initial=True, freeze_norm=True)
 
 
 def cv2_resize_nearest(mask: np.ndarray, side: int) -> np.ndarray:
@@ -574,6 +692,24 @@ def run_stage2(cfg: TrainConfig, model: SplitModel, arrays: dict, stage_dir: Pat
                                                  "optims": [opt.state_dict()]}, cfg)
 
 
+def run_heads_step(cfg: TrainConfig, model: SplitModel, arrays: dict, data_dir: Path, out: Path) -> None:
+    """After stage 2: the segmentation head, then the detector's neck and head, retrained on the teachers' and the
+    student's decoded body features (computed once for both), each validated on the student's path."""
+    s2 = cfg.stage2
+    model.eval()
+    bodies = [model.teachers.backbone, model.decoded_features]
+    taps = sorted(set(head_taps(model.teachers.semantic, SEM_HEAD_START)) | set(head_taps(model.teachers.detect,
+                                                                                          BODY_END)))
+    features = cache_body_features(bodies, arrays["images"], taps)
+    if s2.semantic_head_epochs > 0:
+        train_semantic_head(model.teachers, arrays["images"], arrays["semantic"], epochs=s2.semantic_head_epochs,
+                            log=out / "semantic_head.csv", bodies=bodies, features=features)
+    if s2.detect_head_epochs > 0:
+        labels = read_detection_labels(data_dir, len(arrays["images"]))
+        train_detection_head(model.teachers, arrays["images"], labels, epochs=s2.detect_head_epochs,
+                             log=out / "detect_head.csv", bodies=bodies, features=features)
+
+
 def export_default(cfg: TrainConfig, final: Path) -> None:
     """Copy the default-rate checkpoint to ``cfg.export`` (the shipped model), with its config and edge part."""
     if not cfg.export:
@@ -624,18 +760,16 @@ def train(cfg: TrainConfig, resume: bool = False, only_beta: float | None = None
                 export_default(cfg, final)
             continue
         seed_everything(cfg.seed)
-        # each rate gets the teachers as trained: the segmentation head retrained on one student's features after
-        # stage 2 (stage2.semantic_head_epochs) must not carry over to the next rate's
-        model = build_split_model(cfg, copy.deepcopy(teachers) if cfg.stage2.semantic_head_epochs else teachers)
+        # each rate gets the teachers as trained: the heads retrained on one student's features after stage 2
+        # (stage2.semantic_head_epochs, stage2.detect_head_epochs) must not carry over to the next rate's
+        heads_step = cfg.stage2.semantic_head_epochs > 0 or cfg.stage2.detect_head_epochs > 0
+        model = build_split_model(cfg, copy.deepcopy(teachers) if heads_step else teachers)
         tb = time.perf_counter()
         run_stage1(cfg, model, arrays["images"], beta, out / "stage1", resume)
         if cfg.stage2.epochs > 0:
             run_stage2(cfg, model, arrays, out / "stage2", resume)
-        if cfg.stage2.semantic_head_epochs > 0:  # the heads are shared: the teachers' figures change with it
-            model.eval()
-            train_semantic_head(model.teachers, arrays["images"], arrays["semantic"],
-                                epochs=cfg.stage2.semantic_head_epochs, log=out / "semantic_head.csv",
-                                bodies=[model.teachers.backbone, model.decoded_features])
+        if heads_step:  # the heads are shared: the teachers' figures change with them
+            run_heads_step(cfg, model, arrays, data_dir, out)
         model.entropy_bottleneck.update(force=True)
         codec = SplitCodec(model.eval())
         codec.save(final, extra={"beta": beta, "config": cfg.to_dict(), "cpu_seconds": time.perf_counter() - tb})

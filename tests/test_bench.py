@@ -16,7 +16,7 @@ default_beta: 0.05
 data: {{frames: 24, seed: 5, val_fraction: 0.25}}
 teachers: {{epochs: 1, head_epochs: 1, batch: 8, workers: 0}}
 stage1: {{epochs: 1, batch: 8, crop: 64}}
-stage2: {{epochs: 1, batch: 8}}
+stage2: {{epochs: 1, batch: 8, semantic_head_epochs: 1, detect_head_epochs: 1}}
 """
 
 
@@ -34,6 +34,10 @@ def tiny_checkpoints(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-2000:]
     paths = sorted((d / "run").glob("beta_*/split.pt"))
     assert len(paths) == 2
+    for p in paths:  # the heads step after stage 2 ran for each rate: its learning curves, the start scored first
+        assert len((p.parent / "semantic_head.csv").read_text().splitlines()) == 2
+        assert [r.split(",")[0] for r in (p.parent / "detect_head.csv").read_text().splitlines()] == \
+            ["epoch", "0", "1"]
     return paths
 
 
