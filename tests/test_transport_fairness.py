@@ -6,14 +6,14 @@ import os
 import random
 import signal
 import statistics
-import subprocess
 import threading
 import time
 
 import pytest
 import zmq
 
-from tests.transport_helpers import (PY, ROOT, edge_checkpoint, env, free_port, kill, read_jsonl,
+from benchmarks.flood import flood_rate, pct, start_flooder, stop_flooder
+from tests.transport_helpers import (edge_checkpoint, free_port, kill, read_jsonl,
                                      record_server_config, spawn, wait_for)
 from transport import wire
 from transport.runs import RunLedger
@@ -194,61 +194,6 @@ def test_per_peer_stream_cap_and_session_rate():
 
 
 # ============================================================================================ fair queuing
-FLOODER = r'''
-import json, os, random, signal, struct, sys, time, zmq
-ep, src, out = sys.argv[1], sys.argv[2], sys.argv[3]
-ctx = zmq.Context.instance()
-socks = []
-for _ in range(20):
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.SNDHWM, 1000)
-    s.connect(f"tcp://{src}:0;{ep[len('tcp://'):]}")
-    socks.append(s)
-rng = random.Random(0)
-fp = bytes.fromhex(sys.argv[4])
-def frame(stream):
-    body = struct.pack("<4sBBHIQqq16s3H2HII", b"LADN", 1, 0, 74, stream, 0, 1, 2, fp, 4, 2, 2, 64, 64, 0, 8)
-    return body + b"\0\0\0\0" + b"p" * 8
-pool = []
-for i in range(500):
-    k = i % 5
-    if k == 0:
-        pool.append([b"H", json.dumps({"proto": 1, "stream": rng.randrange(10 ** 6), "session": os.urandom(6).hex(),
-                                       "mode": "replay", "fingerprint": fp.hex()}).encode()])
-    elif k == 1:
-        pool.append([b"H", b'{"proto": 1, "stream": 1e400' + b"[" * rng.randrange(100)])
-    elif k == 2:
-        pool.append([b"D", rng.randbytes(rng.randrange(20, 400))])
-    elif k == 3:
-        pool.append([b"D", frame(rng.randrange(10 ** 6))])
-    else:
-        pool.append([b"Z", b"x", b"y"])
-sent = 0
-stop = False
-def bye(*a):
-    global stop
-    stop = True
-signal.signal(signal.SIGTERM, bye)
-t0 = time.monotonic()
-while not stop:
-    for s in socks:
-        try:
-            s.send_multipart(pool[sent % 500], zmq.NOBLOCK)
-            sent += 1
-        except zmq.Again:
-            pass
-        while s.poll(0):
-            s.recv_multipart()
-with open(out, "a") as fh:
-    fh.write(f"{sent} {time.monotonic() - t0:.3f}\n")
-'''
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]
-
-
 class _LiveSender:
     """A live edge stream at ``fps`` from this process: pre-encoded frames, capture time stamped at submit (the
     latency measured is then the link's and the server's, not an encoder's competing for this machine's CPU)."""
@@ -293,7 +238,6 @@ def test_a_flood_from_one_peer_does_not_slow_another_peers_live_stream(tmp_path)
     enc = codec.encode(np.zeros((1, 64, 64, 3), np.uint8))[0]
     fp = codec.fingerprint
     cfg = record_server_config(tmp_path / "server.yaml")
-    (tmp_path / "flooder.py").write_text(FLOODER)
     port, out = free_port(), tmp_path / "out"
     ep = f"tcp://127.0.0.1:{port}"
     slog, sent_log = tmp_path / "server.log", tmp_path / "flood.txt"
@@ -308,13 +252,10 @@ def test_a_flood_from_one_peer_does_not_slow_another_peers_live_stream(tmp_path)
             kind = "flood" if k % 2 else "quiet"
             start = time.time_ns()
             if kind == "flood":
-                flooder = subprocess.Popen([PY, str(tmp_path / "flooder.py"), ep, "127.0.0.77", str(sent_log),
-                                            fp.hex()], cwd=ROOT, env=env(), start_new_session=True,
-                                           preexec_fn=lambda: os.nice(19))
+                flooder = start_flooder(ep, "127.0.0.77", sent_log, fp)
             time.sleep(4.0)
             if flooder is not None:
-                flooder.send_signal(signal.SIGTERM)
-                flooder.wait(10)
+                stop_flooder(flooder)
                 flooder = None
             phases.append((kind, start, time.time_ns()))
             assert server.poll() is None, slog.read_text()[-3000:]
@@ -339,11 +280,10 @@ def test_a_flood_from_one_peer_does_not_slow_another_peers_live_stream(tmp_path)
               for k in range(1, len(turns), 2)]
     added = [statistics.median(turns[k]) - statistics.median(turns[k - 1] + turns[k + 1])
              for k in range(1, len(turns), 2)]
-    sent = [line.split() for line in sent_log.read_text().splitlines()]
-    rate = sum(int(n) for n, _ in sent) / sum(float(t) for _, t in sent)
+    rate = flood_rate(sent_log)
     refused = json.loads((out / "server_summary.json").read_text())["stages"]["receive"]["refused"]
     med = {"quiet": statistics.median(quiet), "flood": statistics.median(flood)}
-    p95 = {"quiet": _pct(quiet, 0.95), "flood": _pct(flood, 0.95)}
+    p95 = {"quiet": pct(quiet, 0.95), "flood": pct(flood, 0.95)}
     print(f"\nfair queuing: flood {rate:.0f} messages/s from 20 connections of one peer (server refused "
           f"{sum(refused.values())}: {refused}); live stream latency quiet median {med['quiet']:.1f} ms p95 "
           f"{p95['quiet']:.1f} ms ({len(quiet)} frames), flood median {med['flood']:.1f} ms p95 "
