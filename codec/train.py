@@ -22,6 +22,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -337,13 +338,28 @@ def cache_body_features(bodies: list, images: np.ndarray, taps: list[int], batch
     return {j: torch.cat(v) for j, v in cached.items()}
 
 
-def _cached_rows(n: int, n_bodies: int, val_fraction: float) -> tuple[int, torch.Tensor, int]:
-    """Rows of a :func:`cache_body_features` cache: (frames held out, training rows of every body, first held-out
-    row of the last body). The last ``val_fraction`` of frames is held out under every body."""
-    n_val = max(1, int(n * val_fraction))
-    n_train = n - n_val
-    train_rows = torch.cat([torch.arange(k * n, k * n + n_train) for k in range(n_bodies)])
-    return n_val, train_rows, (n_bodies - 1) * n + n_train
+class _HeadCache(NamedTuple):
+    """A head's training data: body features of every frame under every body, and which rows train and validate."""
+
+    taps: list[int]
+    feats: dict[int, torch.Tensor]
+    n: int  # frames
+    n_train: int  # the first n_train frames train, the rest (under the last body) validate
+    train_rows: torch.Tensor  # rows of feats that train: every body's first n_train frames
+    val_start: int  # row of the last body's first held-out frame
+
+
+def _head_cache(model: torch.nn.Module, start: int, teachers: MultiTaskTeachers, images: np.ndarray,
+                bodies: list | None, features: dict[int, torch.Tensor] | None, val_fraction: float) -> _HeadCache:
+    """The cache for ``model``'s head (layers from ``start``): ``features`` when given, else computed; the last
+    ``val_fraction`` of frames is held out under every body and validated under the last."""
+    taps = head_taps(model, start)
+    bodies = bodies or [teachers.backbone]
+    feats = features if features is not None else cache_body_features(bodies, images, taps)
+    n = len(images)
+    n_train = n - max(1, int(n * val_fraction))
+    train_rows = torch.cat([torch.arange(k * n, k * n + n_train) for k in range(len(bodies))])
+    return _HeadCache(taps, feats, n, n_train, train_rows, (len(bodies) - 1) * n + n_train)
 
 
 def train_semantic_head(teachers: MultiTaskTeachers, images: np.ndarray, semantic: np.ndarray, epochs: int = 12,
@@ -365,12 +381,8 @@ def train_semantic_head(teachers: MultiTaskTeachers, images: np.ndarray, semanti
     from codec.teachers import run_layers
 
     sem = teachers.semantic
-    taps = head_taps(sem, SEM_HEAD_START)
-    bodies = bodies or [teachers.backbone]
-    feats = features if features is not None else cache_body_features(bodies, images, taps)
-    n = len(images)
-    n_val, train_rows, val_start = _cached_rows(n, len(bodies), val_fraction)
-    n_train = n - n_val
+    taps, feats, n, n_train, train_rows, val_start = _head_cache(sem, SEM_HEAD_START, teachers, images, bodies,
+                                                                 features, val_fraction)
     side = 128  # loss resolution: logits upsampled, masks subsampled (nearest)
     masks = torch.from_numpy(np.stack([cv2_resize_nearest(m, side) for m in semantic])).long()
     num = _num_semantic_classes(sem)
@@ -453,12 +465,8 @@ def train_detection_head(teachers: MultiTaskTeachers, images: np.ndarray, labels
     det = teachers.detect
     if len(labels) != len(images):
         raise ValueError(f"{len(labels)} label sets for {len(images)} frames")
-    taps = head_taps(det, BODY_END)
-    bodies = bodies or [teachers.backbone]
-    feats = features if features is not None else cache_body_features(bodies, images, taps)
-    n = len(images)
-    n_val, train_rows, val_start = _cached_rows(n, len(bodies), val_fraction)
-    n_train = n - n_val
+    taps, feats, n, n_train, train_rows, val_start = _head_cache(det, BODY_END, teachers, images, bodies, features,
+                                                                 val_fraction)
     side = images.shape[1]
     end2end = bool(getattr(det, "end2end", False))
     branch = "one2one" if end2end else "one2many"

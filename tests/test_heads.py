@@ -23,25 +23,36 @@ from ultralytics.utils.ops import xyxy2xywh
 DEFAULT = Path(__file__).resolve().parent.parent / "models" / "default.pt"
 
 
-def _miou(teachers: MultiTaskTeachers, body, images: np.ndarray, semantic: np.ndarray) -> float:
-    metric = SegmentationMetric(len(teachers.semantic.names))
+def _head_output(teachers: MultiTaskTeachers, body, images: np.ndarray, task: str):
+    """``task``'s raw head output for ``images`` through ``body``, from half-precision features as the trainer
+    caches them."""
     with torch.no_grad():
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-        cache = {k: v.half().float() for k, v in body(x).items()}  # the trainer caches features in half precision
-        logits = teachers.head_raw("segmentation", cache)
-        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-        up = F.interpolate(logits, size=semantic.shape[1:], mode="bilinear", align_corners=False)
+        return teachers.head_raw(task, {k: v.half().float() for k, v in body(x).items()})
+
+
+def _miou(teachers: MultiTaskTeachers, body, images: np.ndarray, semantic: np.ndarray) -> float:
+    metric = SegmentationMetric(len(teachers.semantic.names))
+    logits = _head_output(teachers, body, images, "segmentation")
+    logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+    up = F.interpolate(logits, size=semantic.shape[1:], mode="bilinear", align_corners=False)
     for p, g in zip(up.argmax(1).numpy(), semantic):
         metric.add(p, g)
     return metric.summary()["miou"]
 
 
-@pytest.mark.skipif(not DEFAULT.is_file(), reason="needs the shipped models/default.pt (trained heads)")
-def test_semantic_head_on_two_bodies_is_validated_on_the_last(tmp_path):
-    codec = load_codec(DEFAULT, fuse=False)
-    model = codec.model.eval()
+@pytest.fixture
+def shipped() -> tuple:
+    """The shipped split model (its trained heads, not fused: they are trained here) and 20 held-out scenes."""
+    if not DEFAULT.is_file():
+        pytest.skip("needs the shipped models/default.pt (trained heads)")
+    model = load_codec(DEFAULT, fuse=False).model.eval()
+    return model, list(SceneGenerator(SceneConfig(size=256, seed=5, belts="heldout")).frames(20))
+
+
+def test_semantic_head_on_two_bodies_is_validated_on_the_last(tmp_path, shipped):
+    model, frames = shipped
     teachers = model.teachers
-    frames = list(SceneGenerator(SceneConfig(size=256, seed=5, belts="heldout")).frames(20))
     images, semantic = np.stack([f.image for f in frames]), np.stack([f.semantic for f in frames])
     rows = train_semantic_head(teachers, images, semantic, epochs=2, batch=8, lr=1e-4, log=tmp_path / "s.csv",
                                bodies=[teachers.backbone, model.decoded_features])
@@ -58,10 +69,7 @@ def test_semantic_head_on_two_bodies_is_validated_on_the_last(tmp_path):
 
 def _detection_map(teachers: MultiTaskTeachers, body, images: np.ndarray, frames: list) -> float:
     metric = DetectionMetric()
-    with torch.no_grad():
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-        cache = {k: v.half().float() for k, v in body(x).items()}
-        raw = teachers.head_raw("detection", cache)
+    raw = _head_output(teachers, body, images, "detection")
     for result, f in zip(postprocess("detection", raw, images.shape[1], conf=0.001), frames):
         metric.add(result, (f.boxes, f.classes))
     return metric.summary()["box_map50_95"]
@@ -86,12 +94,9 @@ def test_detection_labels_are_read_back_as_the_scenes_boxes(tmp_path):
         read_detection_labels(tmp_path, 7)
 
 
-@pytest.mark.skipif(not DEFAULT.is_file(), reason="needs the shipped models/default.pt (trained detector)")
-def test_detection_head_is_validated_on_the_last_body_and_never_kept_worse(tmp_path):
-    codec = load_codec(DEFAULT, fuse=False)
-    model = codec.model.eval()
+def test_detection_head_is_validated_on_the_last_body_and_never_kept_worse(tmp_path, shipped):
+    model, frames = shipped
     teachers = model.teachers
-    frames = list(SceneGenerator(SceneConfig(size=256, seed=5, belts="heldout")).frames(20))
     images, labels = np.stack([f.image for f in frames]), _labels(frames)
     before = {k: v.clone() for k, v in teachers.detect.state_dict().items()}
     bodies = [teachers.backbone, model.decoded_features]
