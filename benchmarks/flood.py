@@ -188,8 +188,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(out: Path, turns: int, turn_s: float, rate: float, edge_checkpoint: str, server_checkpoint: str,
-            server_config: str | None = None) -> dict:
+def measure(out: Path, turns: int, turn_s: float, rate: float, edge_checkpoint: str, server_checkpoint: str) -> dict:
     """Real server and live edge, flooder on in every other turn, at the server and at the sink in turn; returns
     and writes ``flood.json``."""
     from codec.edge_onnx import OnnxEdgeCodec
@@ -200,9 +199,8 @@ def measure(out: Path, turns: int, turn_s: float, rate: float, edge_checkpoint: 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     work = Path(tempfile.mkdtemp(prefix="ladon-flood-"))
     run = [sys.executable, str(ROOT / "run_pipeline.py")]
-    config = ["--config", server_config] if server_config else []
-    server = subprocess.Popen(run + ["server", *config, "--bind", ep, "--insecure", "--checkpoint",
-                                     server_checkpoint, "--out", str(work / "out"), "--quiet"], cwd=ROOT, env=env,
+    server = subprocess.Popen(run + ["server", "--bind", ep, "--insecure", "--checkpoint", server_checkpoint,
+                                     "--out", str(work / "out"), "--quiet"], cwd=ROOT, env=env,
                               stdout=open(work / "server.log", "ab"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     frames = int((turns * turn_s + 30) * rate)
@@ -257,7 +255,7 @@ def measure(out: Path, turns: int, turn_s: float, rate: float, edge_checkpoint: 
         if (work / "out" / "server_summary.json").is_file() else {}
     result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "camera_fps": rate,
               "turns": turns, "turn_s": turn_s, "edge_checkpoint": edge_checkpoint,
-              "server_checkpoint": server_checkpoint, "server_config": server_config, "flood_messages_per_s": flood_rate(work / "flood.txt"),
+              "server_checkpoint": server_checkpoint, "flood_messages_per_s": flood_rate(work / "flood.txt"),
               "refused": summary.get("stages", {}).get("receive", {}).get("refused", {}),
               "kinds": kinds, "frames_per_turn": [len(t) for t in lat], **compare_turns(lat, kinds)}
     (out / "flood.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
@@ -281,12 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=10.0, help="the live camera's frames per second")
     p.add_argument("--edge-checkpoint", default=str(ROOT / "models" / "default.edge.onnx"))
     p.add_argument("--server-checkpoint", default=str(ROOT / "models" / "default.pt"))
-    p.add_argument("--server-config", help="the server's pipeline YAML (default configs/pipelines/server.yaml)")
     a = p.parse_args(argv)
     if a.turns < 5 or a.turns % 2 == 0:
         p.error(f"--turns {a.turns}: give an odd number >= 5 (quiet, flood at the server, quiet, at the sink, ...)")
-    r = measure(a.out, a.turns, a.turn_s, a.rate, a.edge_checkpoint, a.server_checkpoint,
-                a.server_config)
+    r = measure(a.out, a.turns, a.turn_s, a.rate, a.edge_checkpoint, a.server_checkpoint)
     print(json.dumps({k: v for k, v in r.items() if k not in ("command", "edge_checkpoint", "server_checkpoint")},
                      indent=1))
     return 0

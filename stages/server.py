@@ -49,8 +49,7 @@ class ServerReceive(Source):
 
     Per peer (its CURVE key, without keys its address): ``max_streams_per_peer`` streams held at once, new
     sessions at ``session_rate`` per second (after a burst of ``max_streams_per_peer``), ``peer_rate`` costly
-    messages per second (hellos, goodbyes, refused or repeated frames; beyond, its messages are dropped unread,
-    and reading them takes at most ``flood_duty`` of the receive thread's time);
+    messages per second (hellos, goodbyes, refused or repeated frames; beyond, its messages are dropped unread);
     of ``max_streams`` slots, those of streams silent for ``reclaim_s`` (default ``owner_timeout_s``) go to new
     streams that need them. Messages are served in turns across peers (fair queuing)."""
     key = "server.receive"
@@ -62,8 +61,7 @@ class ServerReceive(Source):
                  insecure: bool = False, max_payload: int = 4 * 1024 * 1024, status_s: float = 0.0,
                  bye_grace_s: float = 8.0, max_frame_side: int = 4096, owner_timeout_s: float = 3.0,
                  max_streams: int = 256, max_streams_per_peer: int = 32, session_rate: float = 2.0,
-                 reclaim_s: float | None = None, peer_rate: float = 1000.0, live_window: int = 2,
-                 flood_duty: float = 0.25):
+                 reclaim_s: float | None = None, peer_rate: float = 1000.0, live_window: int = 2):
         from core.errors import UsageError
         from transport.link import check_endpoint
         from transport.security import server_security
@@ -99,12 +97,7 @@ class ServerReceive(Source):
                                             "reclaim_s", float, 1e-3,
                                             "seconds of silence before a stream's slot may be reused (3)"),
                        "peer_rate": _number(peer_rate, "peer_rate", float, 1.0,
-                                            "costly messages per second per peer (1000)"),
-                       "flood_duty": _number(flood_duty, "flood_duty", float, 0.01,
-                                             "share of the receive thread's time a flood may take, <= 1 (0.25)")}
-        if self.limits["flood_duty"] > 1:
-            raise UsageError(f"server.receive flood_duty {flood_duty!r}: give a share of the receive thread's time "
-                             f"in (0, 1] (default 0.25)")
+                                            "costly messages per second per peer (1000)")}
         self.security = server_security(endpoint, secret_key, allowed_keys, bool(insecure), who="server")
 
     def open(self, ctx) -> None:

@@ -127,10 +127,7 @@ class ServerSession:
     (hellos, goodbyes, refused or repeated frames) exceed ``peer_rate`` per second (after a burst of twice that)
     has its messages dropped unread (about 2 us each) until it slows down. A round that dropped such messages
     or found more waiting than it took is followed by a pause of ``yield_s`` (the receive thread would otherwise
-    hold the GIL through a flood, and every other stage of the process would wait for it); after a round that
-    dropped messages the pause is long enough that reading the flood takes at most ``flood_duty`` of the
-    thread's time (at most ``max_flood_pause_s``): the rest of the flood waits in ZeroMQ's and TCP's queues and
-    slows its sender, not the process. A round also ends
+    hold the GIL through a flood, and every other stage of the process would wait for it). A round also ends
     once it has dropped ``max_drops`` such messages: ZeroMQ's ROUTER reads its connections in turn, so another
     peer's frame is among the first reads of a round and is served after ``max_drops`` drops, not after a whole
     round of them (under a flood of 100k messages/s a round took 0.55 ms median with 256, 0.42 ms with 32; the
@@ -143,8 +140,7 @@ class ServerSession:
                  context: zmq.Context | None = None, name: str = "server", max_frame_side: int = 4096,
                  owner_timeout_s: float = 3.0, log_interval_s: float = 30.0, max_streams_per_peer: int = 32,
                  session_rate: float = 2.0, reclaim_s: float | None = None, peer_rate: float = 1000.0,
-                 yield_s: float = 0.0002, max_drops: int = 32, flood_duty: float = 0.25,
-                 max_flood_pause_s: float = 0.004):
+                 yield_s: float = 0.0002, max_drops: int = 32):
         self.fingerprint, self.latent_shape = fingerprint, tuple(latent_shape) if latent_shape else None
         self.commit, self.window, self.max_payload = commit, int(window), int(max_payload)
         # live streams get a shallow window: frames in flight are frames of latency (8 in flight at 6.6 fps
@@ -157,9 +153,6 @@ class ServerSession:
         self.reclaim_s = float(reclaim_s) if reclaim_s is not None else self.owner_timeout_s
         self.peer_rate, self.yield_s = float(peer_rate), float(yield_s)
         self.max_drops = int(max_drops)
-        self.flood_duty, self.max_flood_pause_s = float(flood_duty), float(max_flood_pause_s)
-        if not 0 < self.flood_duty <= 1 or self.max_flood_pause_s < 0:
-            raise ValueError("flood_duty must be in (0, 1], max_flood_pause_s >= 0")
         self._curve = bool(security is not None and getattr(security, "on", False))
         if self.max_streams < 1 or self.max_streams_per_peer < 1 or self.max_drops < 1:
             raise ValueError("max_streams, max_streams_per_peer and max_drops must be >= 1")
@@ -188,7 +181,6 @@ class ServerSession:
         self._inbox: OrderedDict[str, deque] = OrderedDict()  # peer -> messages read, not yet handled
         self._ended: OrderedDict[tuple[int, str], None] = OrderedDict()  # (stream, run) of runs that ended
         self._hot = False  # the last round left messages waiting or dropped a flood: pause before the next
-        self._pause = self.yield_s  # how long: yield_s, longer after a round that dropped a flood
         self.reclaimed = 0
         self.accepted = 0
         self.bytes = 0
@@ -259,8 +251,8 @@ class ServerSession:
         out: list = []
         if self._hot:  # the last round left messages waiting: let the stages downstream have the GIL first
             self._hot = False
-            if self._pause:
-                time.sleep(self._pause)
+            if self.yield_s:
+                time.sleep(self.yield_s)
         if not self._inbox and not self.sock.poll(timeout_ms, zmq.POLLIN):
             return out
         self._read(max_messages)
@@ -311,7 +303,6 @@ class ServerSession:
         budget (checked once per peer per round) is dropped unread, at the cost of receiving it: about 2 us
         (counted as FloodError, one refusal call per peer per round)."""
         sock, level, now = self.sock, self.budget.level, time.monotonic()
-        self._pause = self.yield_s
         blocked: dict[str, bool] = {}
         dropped: dict[str, list] = {}
         nbytes = drops = 0
@@ -358,12 +349,8 @@ class ServerSession:
                     break
             self._hot = True  # the round ended before the socket did: more may be waiting
         finally:
-            if dropped:  # a flood is on: pause before the next round, so reading it takes at most flood_duty of
-                # this thread's time (and of the GIL); what is not read waits in ZeroMQ's queue, then in TCP's
-                self._hot = True
-                spent = time.monotonic() - now
-                self._pause = min(self.max_flood_pause_s,
-                                  max(self.yield_s, spent * (1.0 / self.flood_duty - 1.0)))
+            if dropped:
+                self._hot = True  # a flood is on: pause before the next round
             for peer, (count, frames) in dropped.items():
                 self.refuse(FloodError(f"{count} message(s) dropped unread: this peer sends more than "
                                        f"{self.peer_rate:g} hellos, goodbyes, refused or repeated frames per "
