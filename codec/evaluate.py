@@ -5,7 +5,10 @@ Suites (rendered fresh each time, through H.264 like a real recording, decoded w
 - ``heldout`` (the default headline): conveyor lines whose belts come from the **held-out belt families**
   (``conveyor.belts.HELDOUT_FAMILIES``: never in any training frame) carrying **Fashion-MNIST test-split
   garments** (never seen in training), with the randomised look (camera, lighting, distractors). The frames are
-  split over several lines (``LINES_PER_SUITE``, seeds ``seed``, ``seed + 1``, ...), so several belts count.
+  split over several lines (``LINES_PER_SUITE``, seeds ``seed``, ``seed + 1``, ...), so several belts count, and
+  each line keeps every ``FRAME_STRIDE``-th frame of its video (the H.264 stream itself has every frame): an item
+  crosses the frame in about 30 frames, so consecutive frames would score the same few garments over and over
+  (300 consecutive frames on 3 lines hold about 35 garments, 3-4 per class).
 - ``train``: the same, with belts from the training families (new belts of a kind seen in training): the
   training distribution, for comparison.
 
@@ -30,7 +33,8 @@ from codec.metrics import TaskMetrics
 from codec.tasks import TASKS
 
 SUITES = {"heldout": "heldout", "train": "train"}  # suite name -> belt set of conveyor.belts
-LINES_PER_SUITE = 3
+LINES_PER_SUITE = 6
+FRAME_STRIDE = 5  # scored frames are this many video frames apart: 300 frames hold about 5x the garments
 
 
 def make_eval_video(out_dir: Path, frames: int, seed: int, size: int, belts: str = "heldout") -> Path:
@@ -122,21 +126,24 @@ def score(codec: SplitCodec, images: np.ndarray, truth: list, batch: int = 8, pr
     }
 
 
-def suite_footage(suite: str, frames: int, seed: int, size: int, lines: int = LINES_PER_SUITE
-                  ) -> tuple[np.ndarray, list]:
-    """The frames and truth of one suite: ``frames`` split over ``lines`` fresh lines (seeds seed, seed+1...)."""
+def suite_footage(suite: str, frames: int, seed: int, size: int, lines: int = LINES_PER_SUITE,
+                  stride: int = FRAME_STRIDE) -> tuple[np.ndarray, list]:
+    """The frames and truth of one suite: ``frames`` split over ``lines`` fresh lines (seeds seed, seed+1...),
+    every ``stride``-th frame of each line's video."""
     from conveyor.groundtruth import load_ground_truth
 
     if suite not in SUITES:
         raise ValueError(f"suite {suite!r} must be one of {', '.join(SUITES)}")
+    if stride < 1:
+        raise ValueError(f"stride {stride!r} must be >= 1")
     lines = max(1, min(lines, frames))
     per = [frames // lines + (1 if k < frames % lines else 0) for k in range(lines)]
     images, truth = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for k, n in enumerate(per):
-            path = make_eval_video(Path(tmp), n, seed + k, size, SUITES[suite])
-            truth += load_ground_truth(path)
-            images += list(read_video(path))
+            path = make_eval_video(Path(tmp), (n - 1) * stride + 1, seed + k, size, SUITES[suite])
+            truth += load_ground_truth(path)[::stride]
+            images += list(read_video(path))[::stride]
     return np.stack(images), truth
 
 
@@ -146,7 +153,7 @@ def evaluate(codec: SplitCodec, frames: int = 300, seed: int = 12345, batch: int
     top level (``teacher``, ``student``, bytes), as the headline."""
     t0 = time.perf_counter()
     result: dict = {"seed": seed, "input_size": codec.input_size, "fingerprint": codec.fingerprint.hex(),
-                    "lines_per_suite": LINES_PER_SUITE, "suites": {}}
+                    "lines_per_suite": LINES_PER_SUITE, "frame_stride": FRAME_STRIDE, "suites": {}}
     for name in suites:
         images, truth = suite_footage(name, frames, seed, codec.input_size)
         result["suites"][name] = score(codec, images, truth, batch, progress, desc=f"eval {name}")

@@ -187,6 +187,22 @@ def test_eval_json_has_the_documented_keys(checkpoint):
     assert result["payload_bytes_mean"] > 0
 
 
+def test_eval_suite_keeps_every_stride_th_frame_of_each_line():
+    """The protocol scores frames FRAME_STRIDE video frames apart, so a suite holds many distinct garments: the
+    kept frames are exactly frames 0, s, 2s... of each line, their truth the line's own."""
+    from codec.evaluate import suite_footage
+    from conveyor.line import ConveyorLine, LineConfig
+
+    images, truth = suite_footage("heldout", 5, seed=7, size=64, lines=2, stride=3)
+    assert len(images) == len(truth) == 5
+    assert [t.index for t in truth] == [0, 3, 6, 0, 3]  # 3 frames of line seed 7, then 2 of line seed 8
+    line = list(ConveyorLine(LineConfig(size=64, seed=8, fashion_split="test", belts="heldout")).frames(4))
+    assert np.array_equal(truth[4].semantic, line[3].semantic) and truth[4].label == line[3].label
+    assert not np.array_equal(truth[3].semantic, truth[4].semantic)
+    with pytest.raises(ValueError, match="stride"):
+        suite_footage("heldout", 2, seed=7, size=64, stride=0)
+
+
 def test_eval_scores_labelled_footage_of_any_size(checkpoint, tmp_path):
     """`eval --video V --gt GT`: a non-square clip in the format `data` writes, letterboxed like the pipeline."""
     from conveyor.export import write_video
