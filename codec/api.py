@@ -220,7 +220,7 @@ class SplitCodec(_EntropyCoding):
         self.class_names = {t: model.teachers.names(t) for t in TASKS}
         self.fused = False
         self.server_runtime = None  # codec.server_onnx.OnnxServer once attached (load_codec(runtime="auto"))
-        self.station_from = "items"  # the station label: "items" (from detection + segmentation) or "head"
+        self.own_heads: set[str] = set()  # tasks answered by their own head even where a derive rule applies
         self.latent_shape = (model.spec.latent_channels, self.input_size // 4, self.input_size // 4)
         self.metadata: dict = {}
 
@@ -288,10 +288,12 @@ class SplitCodec(_EntropyCoding):
 
     def derives(self, task: str) -> bool:
         """Whether ``task``'s results come from other tasks' results (its ``derive`` hook) rather than its own
-        head: the station label is read off the detected items when the checkpoint's classifier is a station
-        classifier (``station_from = "items"``, the default; ``"head"`` uses the station head)."""
+        head alone: the station label is read off the detected items when the checkpoint's classifier is a
+        station classifier, and the segmentation's garment classes off the detected items when its classes are
+        the detector's. Naming a task in ``own_heads`` answers it from its own head only."""
         t = get_task(task)
-        return t.derive is not None and self.station_from == "items" and bool(self.model.teachers.station)
+        return (t.derive is not None and task not in self.own_heads
+                and (t.derive_applies is None or t.derive_applies(self.model.teachers)))
 
     def _results(self, task: str, features: Features, conf: float) -> list:
         """One task's per-frame results from its raw head output (or, derived, from other tasks' results); raw

@@ -20,6 +20,8 @@ A :class:`Task` bundles, for one task name:
                 ``derive({task: per-frame results}, input_size)``, the inputs being ``derive_inputs`` post-processed
                 at ``derive_conf`` (their heads run once per frame however many tasks read them); the codec uses
                 it where it applies (``codec.api.SplitCodec.derives``)
+``derive_applies`` optional: ``derive_applies(teachers) -> bool``, whether these teachers' heads fit the rule
+                (none: always)
 ``uses_conf``   whether ``postprocess`` reads ``HeadOptions.conf`` (default True); False lets a derived task and
                 the task's own consumer share one post-processed result per frame
 ==============  ==================================================================================================
@@ -79,6 +81,7 @@ class Task:
     derive: Callable[[dict, int], list] | None = None
     derive_inputs: tuple[str, ...] = ()
     derive_conf: float = 0.1
+    derive_applies: Callable[[Any], bool] | None = None
     uses_conf: bool = True
 
     def class_names(self, teachers: Any) -> list[str]:
@@ -293,6 +296,40 @@ def _segmentation_postprocess(raw: Any, opts: HeadOptions) -> list[np.ndarray]:
     return [m.numpy().astype(np.uint8) for m in logits.argmax(1)]
 
 
+def _segmentation_named_by_items(inputs: dict, input_size: int) -> list[np.ndarray]:
+    """The segmentation head's map with its garment classes taken from the detected items: a pixel the head
+    calls foreground and a detection (at ``derive_conf``) covers takes that detection's class (the
+    highest-scoring box where boxes overlap); background stays background and foreground outside every box keeps
+    the head's class. So a mask carries its box's name, and the class comes from the detector, trained on every
+    item of every frame, rather than from the pixel head (which named garment pixels right only 53 % of the time
+    on held-out belts).
+
+    Measured on the shipped model (300 frames each; held-out belts / training families / the other renderer's
+    wooden and canvas belts), mIoU teachers 36.1 / 43.9 / 37.0 / 52.8 -> 38.5 / 46.6 / 37.0 / 55.5, split model
+    30.8 / 41.0 / 30.5 / 53.3 -> 32.3 / 43.1 / 32.5 / 55.4 at a box score of 0.5 (0.3-0.6 all gained on the split
+    model; 0.3-0.4 lost up to 2.0 on the wooden belt's teachers); on fresh suites (seed 777) held-out +1.9 / +1.9,
+    training families +1.2 / +3.3."""
+    out = []
+    for det, seg in zip(inputs["detection"], inputs["segmentation"]):
+        named = np.array(seg, copy=True)
+        foreground = named > 0
+        h, w = named.shape
+        for j in np.argsort(np.asarray(det["scores"]), kind="stable"):  # the best box painted last wins
+            x1, y1, x2, y2 = det["boxes"][j]
+            xa, ya = max(0, int(x1)), max(0, int(y1))
+            xb, yb = min(w, int(np.ceil(x2))), min(h, int(np.ceil(y2)))
+            if xa < xb and ya < yb:
+                window = named[ya:yb, xa:xb]
+                window[foreground[ya:yb, xa:xb]] = int(det["classes"][j]) + 1
+        out.append(named)
+    return out
+
+
+def _segmentation_fits_detection(teachers: Any) -> bool:
+    """The rule needs the segmentation classes to be background + the detection classes, in order."""
+    return _segmentation_names(teachers) == ["background"] + _detection_names(teachers)
+
+
 def _segmentation_names(teachers: Any) -> list[str]:
     from codec.teachers import model_class_names
 
@@ -420,10 +457,13 @@ register_task(Task(
     "segmentation", "(H, W) uint8 class map of the original frame (0 = background)",
     head=_segmentation_head, postprocess=_segmentation_postprocess, names=_segmentation_names, uses_conf=False,
     to_frame=_segmentation_to_frame, to_json=_segmentation_to_json, draw=_segmentation_draw, draw_order=10,
-    metric=_segmentation_metric, truth=lambda frame: frame.semantic))
+    metric=_segmentation_metric, truth=lambda frame: frame.semantic,
+    derive=_segmentation_named_by_items, derive_inputs=("detection", "segmentation"), derive_conf=0.5,
+    derive_applies=_segmentation_fits_detection))
 register_task(Task(
     "classification", "label int and top5 [(class, probability)] of the item at the inspection station",
     head=_classification_head, postprocess=_classification_postprocess, names=_classification_names,
     to_json=_classification_to_json, draw=_classification_draw, draw_order=30,
     metric=_classification_metric, truth=lambda frame: frame.label,
-    derive=_station_from_items, derive_inputs=("detection", "segmentation")))
+    derive=_station_from_items, derive_inputs=("detection", "segmentation"),
+    derive_applies=lambda teachers: bool(teachers.station)))

@@ -92,6 +92,45 @@ def test_station_label_prefers_the_item_with_most_pixels_in_the_band_and_needs_a
     assert r == {"label": 0, "top5": [(0, 1.0)]}
 
 
+def test_segmentation_takes_its_garment_classes_from_the_best_covering_box():
+    from codec.tasks import _segmentation_named_by_items
+
+    seg = np.zeros((64, 64), np.uint8)
+    seg[10:30, 10:30] = 7  # the head's class inside both boxes
+    seg[40:50, 40:50] = 2  # foreground outside every box keeps the head's class
+    before = seg.copy()
+    det = {"boxes": np.array([[5, 5, 25, 25], [15, 15, 35, 35]], np.float32),
+           "scores": np.array([0.9, 0.6], np.float32), "classes": np.array([3, 8])}
+    (named,) = _segmentation_named_by_items({"detection": [det], "segmentation": [seg]}, 64)
+    assert np.array_equal(seg, before)  # the input map is not changed
+    assert (named[10:25, 10:25] == 4).all()  # the better box wins where both cover
+    assert (named[25:30, 15:30] == 9).all() and (named[15:25, 25:30] == 9).all()  # the other box alone
+    assert (named[5:10, 5:25] == 0).all() and (named[30:35, 15:35] == 0).all()  # background stays background
+    assert (named[40:50, 40:50] == 2).all()
+    (same,) = _segmentation_named_by_items({"detection": [{"boxes": np.zeros((0, 4), np.float32),
+                                                           "scores": np.zeros(0, np.float32),
+                                                           "classes": np.zeros(0, np.int64)}],
+                                            "segmentation": [seg]}, 64)
+    assert np.array_equal(same, seg)
+
+
+def test_segmentation_is_named_by_items_only_where_its_classes_are_the_detectors():
+    from codec.api import SplitCodec
+
+    from conveyor.classes import ITEM_NAMES, SEMANTIC_NAMES
+
+    codec = SplitCodec.random(input_size=64, seed=0)
+    assert not codec.derives("segmentation")  # unnamed classes: nothing says they are the same garments
+    codec.model.teachers.detect.names = dict(enumerate(ITEM_NAMES))
+    codec.model.teachers.semantic.names = dict(enumerate(SEMANTIC_NAMES))
+    assert codec.derives("segmentation")  # background + the same garments, in order
+    codec.own_heads.add("segmentation")
+    assert not codec.derives("segmentation")
+    codec.own_heads.clear()
+    codec.model.teachers.semantic.names = {0: "background", 1: "sky"}
+    assert not codec.derives("segmentation")
+
+
 def test_every_head_runs_once_per_batch_however_many_tasks_read_it():
     """The derived station label reuses the detection and segmentation heads' raw output (Features memo)."""
     from codec.api import SplitCodec
@@ -113,7 +152,7 @@ def test_every_head_runs_once_per_batch_however_many_tasks_read_it():
     assert len(per_frame) == 2 and all(set(r) == {"detection", "segmentation", "classification"} for r in per_frame)
     det_again = codec.head("detection", features, conf=0.001)  # memo: NMS on a copy, same boxes again
     assert all(np.array_equal(a["detection"]["boxes"], b["boxes"]) for a, b in zip(per_frame, det_again))
-    codec.station_from = "head"
+    codec.own_heads.add("classification")
     codec.heads(features)
     assert calls.count("classification") == 1
 
