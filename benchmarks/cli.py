@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a few frames and settings, no namespaces, no subprocess probes (under 3 minutes)")
     p.add_argument("--frames", type=int, help="frames of the fresh conveyor line (default 64, --quick 6)")
-    p.add_argument("--seed", type=int, help="seed of the fresh line (default 4242)")
+    p.add_argument("--seed", type=int, help="seed of the footage's fresh lines (default 4242)")
     p.add_argument("--repeats", type=int, help="timing repetitions, median taken (default 30, --quick 3)")
     p.add_argument("--no-netns", action="store_true", help="skip the shaped-link check in network namespaces")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
@@ -163,10 +163,13 @@ def bench(cfg: dict, out: Path, command: str) -> dict:
     default_name = names[len(names) // 2]
     default = codecs[default_name]
     default_ckpt = cfg["checkpoints"][[_name(Path(p)) for p in cfg["checkpoints"]].index(default_name)]
-    cfg.update({"input_size": size, "default_point": default_name, "footage": "heldout belt families"})
+    from codec.evaluate import FRAME_STRIDE, LINES_PER_SUITE  # the footage is eval's: say how it is drawn
+
+    cfg.update({"input_size": size, "default_point": default_name,
+                "footage": {"suite": "heldout", "lines": LINES_PER_SUITE, "frame_stride": FRAME_STRIDE}})
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
-    log.info("fresh conveyor line: %d frames, seed %d, %d px", cfg["frames"], cfg["seed"], size)
+    log.info("eval's held-out footage: %d frames, seed %d, %d px", cfg["frames"], cfg["seed"], size)
     frames, truth = rate.eval_frames(cfg["frames"], cfg["seed"], size)
     rows = rate.rate_accuracy(codecs, frames, truth, cfg)
     split_rows = [r for r in rows if r["method"].startswith("split")]

@@ -104,6 +104,7 @@ def _f(v, fmt="{:.1f}"):
 
 def markdown(r: dict) -> str:
     m, cfg, dev, lat, ent, tg = r["machine"], r["config"], r["device"], r["latency"], r["entropy_coding"], r["targets"]
+    foot = cfg.get("footage", {})
     L = ["# Benchmarks: where split computing wins", "",
          f"- date: {r['date']}",
          f"- machine: {m['nproc']} CPUs ({m['cpu']}), torch {m['torch']} ({m['torch_threads']} threads), "
@@ -111,7 +112,8 @@ def markdown(r: dict) -> str:
          f"- command: `{r['command']}`",
          f"- checkpoints: {', '.join(f'`{c}`' for c in cfg['checkpoints'])}; default operating point "
          f"**{cfg['default_point']}**",
-         f"- data: a fresh conveyor line, {cfg['frames']} frames, seed {cfg['seed']}, {cfg['input_size']} px, "
+         f"- data: eval's held-out footage ({foot.get('lines', '?')} fresh lines of the held-out belt families, "
+         f"unseen garments, every {foot.get('frame_stride', '?')}th video frame), {cfg['frames']} frames, seed {cfg['seed']}, {cfg['input_size']} px, "
          f"exact ground truth; run time {r['seconds']:.0f} s" + (" (**--quick**: few frames, numbers are noisy)"
                                                                if cfg["quick"] else ""),
          "", "## Targets (computed)", "",
