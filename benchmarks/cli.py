@@ -163,10 +163,10 @@ def bench(cfg: dict, out: Path, command: str) -> dict:
     default_name = names[len(names) // 2]
     default = codecs[default_name]
     default_ckpt = cfg["checkpoints"][[_name(Path(p)) for p in cfg["checkpoints"]].index(default_name)]
-    from codec.evaluate import FRAME_STRIDE, LINES_PER_SUITE  # the footage is eval's: say how it is drawn
+    from codec.evaluate import FRAME_STRIDE, suite_lines  # the footage is eval's: say how it is drawn
 
     cfg.update({"input_size": size, "default_point": default_name,
-                "footage": {"suite": "heldout", "lines": LINES_PER_SUITE, "frame_stride": FRAME_STRIDE}})
+                "footage": {"suite": "heldout", "lines": suite_lines("heldout"), "frame_stride": FRAME_STRIDE}})
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     log.info("eval's held-out footage: %d frames, seed %d, %d px", cfg["frames"], cfg["seed"], size)

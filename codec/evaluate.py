@@ -5,7 +5,8 @@ Suites (rendered fresh each time, through H.264 like a real recording, decoded w
 - ``heldout`` (the default headline): conveyor lines whose belts come from the **held-out belt families**
   (``conveyor.belts.HELDOUT_FAMILIES``: never in any training frame) carrying **Fashion-MNIST test-split
   garments** (never seen in training), with the randomised look (camera, lighting, distractors). The frames are
-  split over several lines (``LINES_PER_SUITE``, seeds ``seed``, ``seed + 1``, ...), so several belts count, and
+  split over several lines (seeds ``seed``, ``seed + 1``, ...), line k on family k of the suite's belt families in
+  turn, so every family counts alike (:func:`suite_lines`: held-out 3 families x 2 lines, training 8 x 1), and
   each line keeps every ``FRAME_STRIDE``-th frame of its video (the H.264 stream itself has every frame): an item
   crosses the frame in about 30 frames, so consecutive frames would score the same few garments over and over
   (300 consecutive frames on 3 lines hold about 35 garments, 3-4 per class).
@@ -33,7 +34,7 @@ from codec.metrics import TaskMetrics
 from codec.tasks import TASKS
 
 SUITES = {"heldout": "heldout", "train": "train"}  # suite name -> belt set of conveyor.belts
-LINES_PER_SUITE = 6
+LINES_PER_SUITE = 6  # at least; rounded up to a whole number of lines per belt family
 FRAME_STRIDE = 5  # scored frames are this many video frames apart: 300 frames hold about 5x the garments
 
 
@@ -95,11 +96,15 @@ def load_footage(video: Path, gt: Path | None, size: int) -> tuple[np.ndarray, l
 
 
 def score(codec: SplitCodec, images: np.ndarray, truth: list, batch: int = 8, progress: bool = True,
-          desc: str = "eval") -> dict:
-    """Teacher and student metrics, payload sizes against the estimate and JPEG q90, on given frames."""
+          desc: str = "eval", groups: Sequence[str] | None = None) -> dict:
+    """Teacher and student metrics, payload sizes against the estimate and JPEG q90, on given frames; with
+    ``groups`` (one name per frame, e.g. its belt family) also the metrics of each group (``by_group``)."""
     n_det = len(codec.class_names["detection"])
     n_sem = len(codec.class_names["segmentation"])
     teacher_m, student_m = TaskMetrics(n_det, n_sem), TaskMetrics(n_det, n_sem)
+    if groups is not None and len(groups) != len(images):
+        raise ValueError(f"groups names {len(groups)} frames, the footage has {len(images)}")
+    per_group = {g: (TaskMetrics(n_det, n_sem), TaskMetrics(n_det, n_sem)) for g in dict.fromkeys(groups or ())}
     sizes, estimates, jpeg = [], [], []
     for start in tqdm(range(0, len(images), batch), desc=desc, unit="batch", disable=not progress):
         chunk = images[start:start + batch]
@@ -114,8 +119,12 @@ def score(codec: SplitCodec, images: np.ndarray, truth: list, batch: int = 8, pr
             gt = truth[start + i]
             student_m.add_frame(s, gt)
             teacher_m.add_frame(t, gt)
+            if groups is not None:
+                group_t, group_s = per_group[groups[start + i]]
+                group_t.add_frame(t, gt)
+                group_s.add_frame(s, gt)
     sizes_a, est_a = np.asarray(sizes, dtype=np.float64), np.asarray(estimates)
-    return {
+    out = {
         "frames": int(len(images)),
         "teacher": teacher_m.summary(), "student": student_m.summary(),
         "payload_bytes_mean": float(sizes_a.mean()), "payload_bytes_p95": float(np.percentile(sizes_a, 95)),
@@ -124,24 +133,55 @@ def score(codec: SplitCodec, images: np.ndarray, truth: list, batch: int = 8, pr
         "jpeg90_bytes_mean": float(np.mean(jpeg)),
         "jpeg90_over_payload": float(np.mean(jpeg) / max(sizes_a.mean(), 1e-9)),
     }
+    if groups is not None:
+        out["by_group"] = {g: {"frames": groups.count(g), "teacher": t.summary(), "student": st.summary()}
+                           for g, (t, st) in per_group.items()}
+    return out
 
 
-def suite_footage(suite: str, frames: int, seed: int, size: int, lines: int = LINES_PER_SUITE,
-                  stride: int = FRAME_STRIDE) -> tuple[np.ndarray, list]:
-    """The frames and truth of one suite: ``frames`` split over ``lines`` fresh lines (seeds seed, seed+1...),
-    every ``stride``-th frame of each line's video."""
-    from conveyor.groundtruth import load_ground_truth
+def suite_families(suite: str) -> tuple[str, ...]:
+    """The belt families a suite's lines are drawn from, in the order lines take them."""
+    from conveyor.belts import BELT_SETS
 
     if suite not in SUITES:
         raise ValueError(f"suite {suite!r} must be one of {', '.join(SUITES)}")
+    return tuple(BELT_SETS[SUITES[suite]])
+
+
+def suite_lines(suite: str) -> int:
+    """The protocol's number of lines for a suite: LINES_PER_SUITE rounded up to whole rounds of its families."""
+    n = len(suite_families(suite))
+    return -(-LINES_PER_SUITE // n) * n
+
+
+def _frames_per_line(frames: int, lines: int) -> list[int]:
+    lines = max(1, min(lines, frames))
+    return [frames // lines + (1 if k < frames % lines else 0) for k in range(lines)]
+
+
+def frame_families(suite: str, frames: int, lines: int | None = None) -> list[str]:
+    """The belt family of each frame :func:`suite_footage` returns for the same arguments."""
+    families = suite_families(suite)
+    per = _frames_per_line(frames, suite_lines(suite) if lines is None else lines)
+    return [families[k % len(families)] for k, n in enumerate(per) for _ in range(n)]
+
+
+def suite_footage(suite: str, frames: int, seed: int, size: int, lines: int | None = None,
+                  stride: int = FRAME_STRIDE) -> tuple[np.ndarray, list]:
+    """The frames and truth of one suite: ``frames`` split over ``lines`` fresh lines (default
+    :func:`suite_lines`; seeds seed, seed+1..., line k on the suite's family k in turn), every ``stride``-th
+    frame of each line's video. :func:`frame_families` names each frame's belt family."""
+    from conveyor.groundtruth import load_ground_truth
+
+    families = suite_families(suite)
+    lines = suite_lines(suite) if lines is None else lines
     if stride < 1:
         raise ValueError(f"stride {stride!r} must be >= 1")
-    lines = max(1, min(lines, frames))
-    per = [frames // lines + (1 if k < frames % lines else 0) for k in range(lines)]
+    per = _frames_per_line(frames, lines)
     images, truth = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for k, n in enumerate(per):
-            path = make_eval_video(Path(tmp), (n - 1) * stride + 1, seed + k, size, SUITES[suite])
+            path = make_eval_video(Path(tmp), (n - 1) * stride + 1, seed + k, size, families[k % len(families)])
             truth += load_ground_truth(path)[::stride]
             images += list(read_video(path))[::stride]
     return np.stack(images), truth
@@ -153,10 +193,12 @@ def evaluate(codec: SplitCodec, frames: int = 300, seed: int = 12345, batch: int
     top level (``teacher``, ``student``, bytes), as the headline."""
     t0 = time.perf_counter()
     result: dict = {"seed": seed, "input_size": codec.input_size, "fingerprint": codec.fingerprint.hex(),
-                    "lines_per_suite": LINES_PER_SUITE, "frame_stride": FRAME_STRIDE, "suites": {}}
+                    "lines_per_suite": {name: suite_lines(name) for name in suites}, "frame_stride": FRAME_STRIDE,
+                    "suites": {}}
     for name in suites:
         images, truth = suite_footage(name, frames, seed, codec.input_size)
-        result["suites"][name] = score(codec, images, truth, batch, progress, desc=f"eval {name}")
+        result["suites"][name] = score(codec, images, truth, batch, progress, desc=f"eval {name}",
+                                       groups=frame_families(name, frames))
     result.update(result["suites"][suites[0]])
     result["suite"] = suites[0]
     result.update(codec.encoder_stats())
@@ -188,6 +230,12 @@ def _rows(name: str, r: dict) -> list[str]:
     rows.append(f"payload bytes/frame: mean {r['payload_bytes_mean']:.0f}, p95 {r['payload_bytes_p95']:.0f}, "
                 f"estimate {r['estimate_bytes_mean']:.0f} (real/estimate {r['payload_vs_estimate']:.4f}); "
                 f"JPEG q90 {r['jpeg90_bytes_mean']:.0f} ({r['jpeg90_over_payload']:.1f}x the payload)")
+    if r.get("by_group"):
+        rows.append("per belt family, teachers / split model: items AP50, box mAP50-95, mIoU, top-1")
+        for g, m in r["by_group"].items():
+            rows.append(f"  {g:18} {m['frames']:4d} frames  " + "   ".join(
+                f"{m['teacher'].get(k, 0):5.1f} / {m['student'].get(k, 0):5.1f}"
+                for k in ("items_ap50", "box_map50_95", "miou", "top1")))
     return rows
 
 
@@ -205,4 +253,4 @@ def format_table(result: dict) -> str:
 
 
 __all__ = ["evaluate", "evaluate_footage", "score", "format_table", "make_eval_video", "read_video",
-           "suite_footage", "letterboxed", "SUITES", "TASKS"]
+           "suite_footage", "suite_families", "suite_lines", "frame_families", "letterboxed", "SUITES", "TASKS"]

@@ -304,11 +304,11 @@ def _segmentation_named_by_items(inputs: dict, input_size: int) -> list[np.ndarr
     item of every frame, rather than from the pixel head (which named garment pixels right only 53 % of the time
     on held-out belts).
 
-    Measured on the shipped model (300 frames each; held-out belts / training families / the other renderer's
-    wooden and canvas belts), mIoU teachers 36.1 / 43.9 / 37.0 / 52.8 -> 38.5 / 46.6 / 37.0 / 55.5, split model
-    30.8 / 41.0 / 30.5 / 53.3 -> 32.3 / 43.1 / 32.5 / 55.4 at a box score of 0.5 (0.3-0.6 all gained on the split
-    model; 0.3-0.4 lost up to 2.0 on the wooden belt's teachers); on fresh suites (seed 777) held-out +1.9 / +1.9,
-    training families +1.2 / +3.3."""
+    Measured on the shipped model (eval's 300 frames each; held-out belts / training families / the other
+    renderer's wooden and canvas belts), mIoU teachers 38.3 / 43.1 / 37.0 / 52.8 -> 39.9 / 44.6 / 37.0 / 55.5, split
+    model 34.6 / 41.0 / 30.5 / 53.3 -> 37.4 / 43.0 / 32.5 / 55.4 at a box score of 0.5 (on an earlier draw of the
+    suites 0.3-0.6 all gained on the split model; 0.3-0.4 lost up to 2.0 on the wooden belt's teachers); on fresh
+    suites (seed 777) held-out +1.9 / +1.9, training families +1.2 / +3.3."""
     out = []
     for det, seg in zip(inputs["detection"], inputs["segmentation"]):
         named = np.array(seg, copy=True)

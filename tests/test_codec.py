@@ -185,20 +185,31 @@ def test_eval_json_has_the_documented_keys(checkpoint):
     assert result["frames"] == 6 and result["suite"] == "heldout"
     assert set(result["suites"]) == {"heldout", "train"} and result["suites"]["train"]["frames"] == 6
     assert result["payload_bytes_mean"] > 0
+    by_family = result["suites"]["heldout"]["by_group"]  # 6 frames on 6 lines: every held-out family, twice
+    assert sum(g["frames"] for g in by_family.values()) == 6 and all(g["frames"] == 2 for g in by_family.values())
+    assert all(set(g["student"]) >= {"box_map50_95", "miou", "top1"} for g in by_family.values())
 
 
-def test_eval_suite_keeps_every_stride_th_frame_of_each_line():
+def test_eval_suite_keeps_every_stride_th_frame_of_each_line_and_takes_the_families_in_turn():
     """The protocol scores frames FRAME_STRIDE video frames apart, so a suite holds many distinct garments: the
-    kept frames are exactly frames 0, s, 2s... of each line, their truth the line's own."""
-    from codec.evaluate import suite_footage
+    kept frames are exactly frames 0, s, 2s... of each line, their truth the line's own; line k is on the suite's
+    belt family k, so every family counts alike."""
+    from codec.evaluate import frame_families, suite_families, suite_footage, suite_lines
+    from conveyor.belts import HELDOUT_FAMILIES, TRAIN_FAMILIES
     from conveyor.line import ConveyorLine, LineConfig
 
+    assert set(suite_families("heldout")) == set(HELDOUT_FAMILIES)
+    assert suite_lines("heldout") % len(HELDOUT_FAMILIES) == 0 and suite_lines("train") % len(TRAIN_FAMILIES) == 0
     images, truth = suite_footage("heldout", 5, seed=7, size=64, lines=2, stride=3)
     assert len(images) == len(truth) == 5
     assert [t.index for t in truth] == [0, 3, 6, 0, 3]  # 3 frames of line seed 7, then 2 of line seed 8
-    line = list(ConveyorLine(LineConfig(size=64, seed=8, fashion_split="test", belts="heldout")).frames(4))
+    second = suite_families("heldout")[1]
+    line = list(ConveyorLine(LineConfig(size=64, seed=8, fashion_split="test", belts=second)).frames(4))
+    assert line[0].belt == second
     assert np.array_equal(truth[4].semantic, line[3].semantic) and truth[4].label == line[3].label
+    assert np.abs(images[4].astype(float) - line[3].image).mean() < 6  # that line's frame, through H.264
     assert not np.array_equal(truth[3].semantic, truth[4].semantic)
+    assert frame_families("heldout", 5, lines=2) == [suite_families("heldout")[0]] * 3 + [second] * 2
     with pytest.raises(ValueError, match="stride"):
         suite_footage("heldout", 2, seed=7, size=64, stride=0)
 
