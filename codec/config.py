@@ -64,6 +64,9 @@ class Stage1Config:
     eb_lr: float = 1e-2  # the entropy model's density: it must sharpen within a few hundred steps
     aux_lr: float = 1e-2  # the entropy model's quantiles (auxiliary loss)
     feature_layers: list[int] = field(default_factory=lambda: [2, 4, 6, 8, 10])
+    # beta ramps from 0 over this many epochs: without it the rate term can win before the features matter and
+    # the latent collapses to nothing (measured on the detector of 2026-12-07: 0.004 bits per pixel, no learning)
+    beta_warmup_epochs: float = 0.0
 
 
 @dataclass
@@ -138,6 +141,9 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Train
     cfg = _build(TrainConfig, raw, "", source)
     if cfg.input_size % 32:
         raise UsageError(f"{source}: input_size {cfg.input_size} must be a multiple of 32 (e.g. 256 or 320)")
+    if not 0 <= cfg.stage1.beta_warmup_epochs <= cfg.stage1.epochs:
+        raise UsageError(f"{source}: stage1.beta_warmup_epochs {cfg.stage1.beta_warmup_epochs} must be between 0 and "
+                         f"stage1.epochs ({cfg.stage1.epochs}), e.g. 1")
     if cfg.stage1.crop % 32 or cfg.stage1.crop > cfg.input_size:
         raise UsageError(f"{source}: stage1.crop {cfg.stage1.crop} must be a multiple of 32 and <= input_size")
     if not cfg.betas or any(b <= 0 for b in cfg.betas):

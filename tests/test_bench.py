@@ -15,7 +15,7 @@ betas: [0.05, 0.2]
 default_beta: 0.05
 data: {{frames: 24, seed: 5, val_fraction: 0.25}}
 teachers: {{epochs: 1, head_epochs: 1, batch: 8, workers: 0}}
-stage1: {{epochs: 1, batch: 8, crop: 64}}
+stage1: {{epochs: 1, batch: 8, crop: 64, beta_warmup_epochs: 0.5}}
 stage2: {{epochs: 1, batch: 8, semantic_head_epochs: 1, detect_head_epochs: 1}}
 """
 
