@@ -287,6 +287,22 @@ def test_a_command_whose_packages_are_missing_says_so_in_one_line():
     assert "'torch'" in lines[0] and "pip install .[server]" in lines[0]
 
 
-def test_threads_option_is_checked(capsys):
-    assert main(["run", "--threads", "0", "--checkpoint", "random:64"]) == 2
+def test_threads_option_is_checked_before_anything_is_made(capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", "--threads", "0", "--checkpoint", "random:64", "--out", str(out)]) == 2
     assert "--threads 0" in capsys.readouterr().err
+    assert not out.exists()  # no demo clip, no keys
+
+
+def test_the_demo_remakes_a_clip_made_for_another_input_size(tmp_path):
+    """A clip left by a model of another input size (a 64 px clip for a 256 px model) is made again."""
+    from pipeline.commands.run import _frame_size, make_demo_video
+
+    video = tmp_path / "conveyor_demo_heldout.mp4"
+    make_demo_video(video, frames=3, size=64)
+    assert _frame_size(video) == (64, 64)
+    assert main(["run", "--checkpoint", "random:96", "--out", str(tmp_path), "--max-frames", "2", "--quiet",
+                 "--insecure"]) == 0
+    assert _frame_size(video) == (96, 96)
+    video.write_bytes(b"not a video")
+    assert _frame_size(video) is None

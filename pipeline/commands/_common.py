@@ -138,10 +138,15 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def load(config: str, variables: dict, threads: int | None = None) -> GraphSpec:
-    """Parse a graph with the command's variables; ``threads`` (``--threads``) overrides its thread budget."""
+def check_threads(threads: int | None) -> None:
+    """``--threads``: None (the graph's own budget) or a whole number of cores >= 1."""
     if threads is not None and threads < 1:
         raise UsageError(f"--threads {threads}: give the number of cores the graph may use, >= 1")
+
+
+def load(config: str, variables: dict, threads: int | None = None) -> GraphSpec:
+    """Parse a graph with the command's variables; ``threads`` (``--threads``) overrides its thread budget."""
+    check_threads(threads)
     spec = load_graph(config, {k: v for k, v in variables.items()})
     if threads is not None:
         spec.threads = threads

@@ -12,7 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pipeline.commands._common import add_common, check_max_frames, list_stages, load, run_graph
+from pipeline.commands._common import add_common, check_max_frames, check_threads, list_stages, load, run_graph
 from pipeline.commands._factory import add_factory_arguments, factory_plan
 from core.errors import UsageError
 from pipeline.graph import VAR_NAME, graph_variables, load_yaml
@@ -39,6 +39,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _frame_size(video: Path) -> tuple[int, int] | None:
+    """A video's frame (width, height), or None when it cannot be read."""
+    import av
+
+    try:
+        with av.open(str(video)) as container:
+            stream = container.streams.video[0]
+            return int(stream.width), int(stream.height)
+    except (av.error.FFmpegError, IndexError, OSError):
+        return None
 
 
 def make_demo_video(path: Path, frames: int = DEMO_FRAMES, size: int = 256, fps: int = 15, seed: int = 0) -> Path:
@@ -84,6 +96,7 @@ def run(args) -> int:
     if args.list_stages:
         return list_stages()
     check_max_frames(args.max_frames)
+    check_threads(args.threads)  # before anything is made, so a bad value leaves nothing behind
     plan = factory_plan(args, "run")  # --factory, --mqtt, ...: the factory graph (or fill --config's variables)
     config = args.config or (plan.config if plan is not None else None) or "demo"
     sets = _parse_sets(args.set, config)
@@ -99,7 +112,8 @@ def run(args) -> int:
         variables["source"] = args.source
     elif demo:
         video = out / "conveyor_demo_heldout.mp4"
-        if not video.is_file():
+        if not video.is_file() or _frame_size(video) != (demo_codec.input_size, demo_codec.input_size):
+            # absent, or made for a model of another input size (a clip upscaled from 64 px is no demo)
             print(f"generating the demo video {video} ({DEMO_FRAMES} conveyor-line frames on a held-out belt)",
                   file=sys.stderr)
             make_demo_video(video, size=demo_codec.input_size)
