@@ -113,7 +113,8 @@ def markdown(r: dict) -> str:
          f"- checkpoints: {', '.join(f'`{c}`' for c in cfg['checkpoints'])}; default operating point "
          f"**{cfg['default_point']}**",
          f"- data: eval's held-out footage ({foot.get('lines', '?')} fresh lines of the held-out belt families, "
-         f"unseen garments, every {foot.get('frame_stride', '?')}th video frame), {cfg['frames']} frames, seed {cfg['seed']}, {cfg['input_size']} px, "
+         f"unseen garments, every {foot.get('frame_stride', '?')}th video frame), {cfg['frames']} frames, "
+         f"seed {cfg['seed']}, {cfg['input_size']} px, "
          f"exact ground truth; run time {r['seconds']:.0f} s" + (" (**--quick**: few frames, numbers are noisy)"
                                                                if cfg["quick"] else ""),
          "", "## Targets (computed)", "",
