@@ -296,9 +296,12 @@ def _segmentation_postprocess(raw: Any, opts: HeadOptions) -> list[np.ndarray]:
     return [m.numpy().astype(np.uint8) for m in logits.argmax(1)]
 
 
+MASK_BOX_SCORE = 0.5  # the detections that name the segmentation's pixels
+
+
 def _segmentation_named_by_items(inputs: dict, input_size: int) -> list[np.ndarray]:
     """The segmentation head's map with its garment classes taken from the detected items: a pixel the head
-    calls foreground and a detection (at ``derive_conf``) covers takes that detection's class (the
+    calls foreground and a detection of score >= ``MASK_BOX_SCORE`` covers takes that detection's class (the
     highest-scoring box where boxes overlap); background stays background and foreground outside every box keeps
     the head's class. So a mask carries its box's name, and the class comes from the detector, trained on every
     item of every frame, rather than from the pixel head (which named garment pixels right only 53 % of the time
@@ -314,7 +317,10 @@ def _segmentation_named_by_items(inputs: dict, input_size: int) -> list[np.ndarr
         named = np.array(seg, copy=True)
         foreground = named > 0
         h, w = named.shape
-        for j in np.argsort(np.asarray(det["scores"]), kind="stable"):  # the best box painted last wins
+        # the detections come at the station label's lower threshold (one NMS pass serves both rules)
+        scores = np.asarray(det["scores"])
+        order = np.argsort(scores, kind="stable")  # the best box painted last wins
+        for j in order[scores[order] >= MASK_BOX_SCORE]:
             x1, y1, x2, y2 = det["boxes"][j]
             xa, ya = max(0, int(x1)), max(0, int(y1))
             xb, yb = min(w, int(np.ceil(x2))), min(h, int(np.ceil(y2)))
@@ -458,7 +464,7 @@ register_task(Task(
     head=_segmentation_head, postprocess=_segmentation_postprocess, names=_segmentation_names, uses_conf=False,
     to_frame=_segmentation_to_frame, to_json=_segmentation_to_json, draw=_segmentation_draw, draw_order=10,
     metric=_segmentation_metric, truth=lambda frame: frame.semantic,
-    derive=_segmentation_named_by_items, derive_inputs=("detection", "segmentation"), derive_conf=0.5,
+    derive=_segmentation_named_by_items, derive_inputs=("detection", "segmentation"),
     derive_applies=_segmentation_fits_detection))
 register_task(Task(
     "classification", "label int and top5 [(class, probability)] of the item at the inspection station",

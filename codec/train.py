@@ -641,7 +641,7 @@ def run_stage1(cfg: TrainConfig, model: SplitModel, images: np.ndarray, beta: fl
     warmup_steps = s1.beta_warmup_epochs * steps
     first_mse: float | None = None
     for epoch in range(start, s1.epochs):
-        sums = {"mse": 0.0, "bpp": 0.0, "n": 0}
+        seen: dict[str, list[float]] = {"mse": [], "bpp": []}
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         order = torch.randperm(n, generator=gen)[rank::world]
         model.encoder.train(), model.decoder.train(), model.entropy_bottleneck.train()
@@ -655,7 +655,8 @@ def run_stage1(cfg: TrainConfig, model: SplitModel, images: np.ndarray, beta: fl
             done = epoch * steps + step
             beta_now = beta * min(1.0, (done + 1) / warmup_steps) if warmup_steps > 0 else beta
             loss, parts = stage1_loss(train_model.module if world > 1 else model, x, beta_now, s1.feature_layers)
-            sums["mse"], sums["bpp"], sums["n"] = sums["mse"] + parts["mse"], sums["bpp"] + parts["bpp"], sums["n"] + 1
+            seen["mse"].append(parts["mse"])
+            seen["bpp"].append(parts["bpp"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)
@@ -670,7 +671,7 @@ def run_stage1(cfg: TrainConfig, model: SplitModel, images: np.ndarray, beta: fl
         if rank == 0:
             _save_state(stage_dir / "last.pt", {"epoch": epoch, "model": _student_state(model),
                                                  "optims": [opt.state_dict(), aux_opt.state_dict()]}, cfg)
-        mse, bpp = sums["mse"] / max(1, sums["n"]), sums["bpp"] / max(1, sums["n"])
+        mse, bpp = (float(np.mean(seen[k])) if seen[k] else 0.0 for k in ("mse", "bpp"))
         first_mse = mse if first_mse is None else first_mse
         check_stage1_collapse(epoch - start, mse, first_mse, bpp, beta)
 
