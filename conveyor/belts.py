@@ -8,8 +8,10 @@ default on :data:`HELDOUT_FAMILIES`, whose belts the teachers and the student ne
   random scale and contrast. The photos in :data:`HELDOUT_PHOTOS` form the held-out ``photo_heldout`` family.
 - procedural: ``rubber`` (fine grain + mottling), ``grooved`` (ribs across or along the belt), ``woven``
   (fabric weave), ``metal`` (brushed steel with a sheen), ``noise`` (multi-octave value noise), ``solid``
-  (one colour, faint grain), ``slats`` (roller or slat conveyor), and held out: ``perforated`` (a plate with a
-  grid of holes) and ``diamond`` (diamond-plate tread).
+  (one colour, faint grain), ``slats`` (roller or slat conveyor), ``lattice`` (modular plastic or stamped belts:
+  a random 2-D lattice of discs, squares, slots, crosses or rings, sunk or raised, sharp or soft, optionally lit
+  from one side), and held out: ``perforated`` (a plate with a grid of holes) and ``diamond`` (diamond-plate
+  tread).
 
 Colour, brightness and contrast are drawn per belt, so one family covers black rubber, green PVC, white food
 belts and grey steel. All randomness comes from the ``rng`` passed in: the same generator state gives the same
@@ -28,7 +30,7 @@ TRAIN_PHOTOS = ("astronaut", "brick", "camera", "cat", "cell", "coffee", "grass"
                 "moon", "page", "retina", "rocket", "text", "clock", "checkerboard", "microaneurysms",
                 "colorwheel", "binary_blobs", "shepp_logan_phantom")
 HELDOUT_PHOTOS = ("chelsea", "coins", "hubble_deep_field", "horse", "logo")
-PROCEDURAL = ("rubber", "grooved", "woven", "metal", "noise", "solid", "slats")
+PROCEDURAL = ("rubber", "grooved", "woven", "metal", "noise", "solid", "slats", "lattice")
 HELDOUT_PROCEDURAL = ("perforated", "diamond")
 TRAIN_FAMILIES = ("photo",) + PROCEDURAL
 HELDOUT_FAMILIES = ("photo_heldout",) + HELDOUT_PROCEDURAL
@@ -70,6 +72,45 @@ def value_noise(rng: np.random.Generator, h: int, w: int, cells: float, octaves:
     return (out - out.mean()) / (out.std() + 1e-6)
 
 
+def _lattice(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A 2-D lattice of one motif (the ``lattice`` family): random cell size, angle, skew and aspect, the motif's
+    shape, size, polarity and edge softness drawn per belt; zero mean."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    period = rng.uniform(6, 26)
+    angle = rng.uniform(0, np.pi)
+    skew = (np.pi / 2, np.pi / 3, rng.uniform(np.pi / 4, np.pi / 2))[int(rng.integers(3))]
+    aspect = rng.uniform(0.6, 1.6) if rng.random() < 0.5 else 1.0
+    basis = period * np.array([[np.cos(angle), aspect * np.cos(angle + skew)],
+                               [np.sin(angle), aspect * np.sin(angle + skew)]], np.float32)  # columns: cell edges
+    inv = np.linalg.inv(basis)
+    u, v = inv[0, 0] * xx + inv[0, 1] * yy, inv[1, 0] * xx + inv[1, 1] * yy
+    fu, fv = u - np.floor(u) - 0.5, v - np.floor(v) - 0.5
+    dx, dy = basis[0, 0] * fu + basis[0, 1] * fv, basis[1, 0] * fu + basis[1, 1] * fv  # pixels from the cell centre
+    rot = rng.uniform(0, np.pi)
+    cx, cy = dx * np.cos(rot) + dy * np.sin(rot), -dx * np.sin(rot) + dy * np.cos(rot)
+    size = period * rng.uniform(0.12, 0.38)
+    motif = ("disc", "square", "slot", "cross", "ring")[int(rng.integers(5))]
+    if motif == "disc":
+        dist = np.hypot(cx, cy) - size
+    elif motif == "square":
+        dist = np.maximum(np.abs(cx), np.abs(cy)) - size
+    elif motif == "slot":
+        dist = np.maximum(np.abs(cx) / rng.uniform(1.5, 3.0), np.abs(cy)) - 0.6 * size
+    elif motif == "cross":
+        t = size * rng.uniform(0.2, 0.45)
+        dist = np.minimum(np.maximum(np.abs(cx) - size, np.abs(cy) - t), np.maximum(np.abs(cy) - size, np.abs(cx) - t))
+    else:
+        dist = np.abs(np.hypot(cx, cy) - size) - size * rng.uniform(0.15, 0.35)
+    soft = rng.uniform(0.3, 2.5)
+    shape = 1.0 / (1.0 + np.exp(np.clip(dist / soft, -30, 30)))  # 1 inside the motif, 0 outside
+    pat = rng.uniform(1.0, 2.8) * (1.0 if rng.random() < 0.5 else -1.0) * shape
+    if rng.random() < 0.5:  # embossed: lit from one side
+        light = rng.uniform(0, 2 * np.pi)
+        gy, gx = np.gradient(shape)
+        pat = pat + rng.uniform(2, 6) * soft * (np.cos(light) * gx + np.sin(light) * gy)
+    return (pat - pat.mean()).astype(np.float32) + 0.2 * rng.standard_normal((h, w)).astype(np.float32)
+
+
 def _pattern(family: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Zero-mean, unit-ish grey pattern ``(h, w)`` of a procedural family."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -100,6 +141,8 @@ def _pattern(family: str, rng: np.random.Generator, h: int, w: int) -> np.ndarra
         gap = rng.uniform(0.06, 0.2)
         phase = (xx / period) % 1.0
         return np.where(phase < gap, -2.5, 0.0).astype(np.float32) + 0.4 * np.cos(np.pi * phase) + 0.2 * grain
+    if family == "lattice":
+        return _lattice(rng, h, w)
     if family == "perforated":
         p = rng.uniform(8, 18)
         r = p * rng.uniform(0.15, 0.3)

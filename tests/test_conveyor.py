@@ -108,6 +108,17 @@ def test_belt_families_split_and_draw():
     assert line.belt_family in HELDOUT_FAMILIES
 
 
+def test_lattice_belts_are_periodic_and_differ_per_draw():
+    """A lattice belt is a repeating motif: its spectrum has a few strong peaks, unlike grain; draws differ."""
+    from conveyor.belts import _pattern
+
+    patterns = [_pattern("lattice", np.random.default_rng(s), 96, 96) for s in range(6)]
+    for pat in patterns:
+        power = np.abs(np.fft.fft2(pat - pat.mean())) ** 2
+        assert np.sort(power.ravel())[-8:].sum() > 0.1 * power.sum()  # white grain alone: ~8 / 9216 of the power
+    assert all(not np.allclose(patterns[0], other) for other in patterns[1:])
+
+
 def test_line_deterministic_and_seed_dependent():
     a = list(ConveyorLine(LineConfig(size=SIZE, seed=7)).frames(5))
     line = ConveyorLine(LineConfig(size=SIZE, seed=7))
