@@ -171,6 +171,27 @@ def test_a_training_step_lowers_the_stage1_loss(frames):
     assert all(not p.requires_grad or p.grad is None for p in model.teachers.parameters())
 
 
+def test_torch_threads_survive_ultralytics_device_setup():
+    """Ultralytics' trainer sets torch to cpu_count - 1 threads (one on a 2-core machine) and leaves it so; training
+    keeps the heads and the student that follow in the same process on the threads they had."""
+    from ultralytics.utils import NUM_THREADS
+    from ultralytics.utils.torch_utils import select_device
+
+    from codec.train import _torch_threads_kept
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(NUM_THREADS + 1)
+        select_device("cpu", verbose=False)
+        assert torch.get_num_threads() == NUM_THREADS  # what the trainer does to the process
+        torch.set_num_threads(NUM_THREADS + 1)
+        with _torch_threads_kept():
+            select_device("cpu", verbose=False)
+        assert torch.get_num_threads() == NUM_THREADS + 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_eval_json_has_the_documented_keys(checkpoint):
     proc = subprocess.run([sys.executable, "run_pipeline.py", "eval", "--checkpoint", str(checkpoint),
                            "--frames", "6", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
