@@ -72,10 +72,9 @@ def value_noise(rng: np.random.Generator, h: int, w: int, cells: float, octaves:
     return (out - out.mean()) / (out.std() + 1e-6)
 
 
-def _lattice(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A 2-D lattice of one motif (the ``lattice`` family): random cell size, angle, skew and aspect, the motif's
-    shape, size, polarity and edge softness drawn per belt; zero mean."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+def _lattice(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """A 2-D lattice of one motif (the ``lattice`` family) on the pixel grid ``yy, xx``: random cell size, angle,
+    skew and aspect, the motif's shape, size, polarity and edge softness drawn per belt; zero mean."""
     period = rng.uniform(6, 26)
     angle = rng.uniform(0, np.pi)
     skew = (np.pi / 2, np.pi / 3, rng.uniform(np.pi / 4, np.pi / 2))[int(rng.integers(3))]
@@ -108,7 +107,7 @@ def _lattice(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         light = rng.uniform(0, 2 * np.pi)
         gy, gx = np.gradient(shape)
         pat = pat + rng.uniform(2, 6) * soft * (np.cos(light) * gx + np.sin(light) * gy)
-    return (pat - pat.mean()).astype(np.float32) + 0.2 * rng.standard_normal((h, w)).astype(np.float32)
+    return (pat - pat.mean()).astype(np.float32) + 0.2 * rng.standard_normal(yy.shape).astype(np.float32)
 
 
 def _pattern(family: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -142,7 +141,7 @@ def _pattern(family: str, rng: np.random.Generator, h: int, w: int) -> np.ndarra
         phase = (xx / period) % 1.0
         return np.where(phase < gap, -2.5, 0.0).astype(np.float32) + 0.4 * np.cos(np.pi * phase) + 0.2 * grain
     if family == "lattice":
-        return _lattice(rng, h, w)
+        return _lattice(rng, yy, xx)
     if family == "perforated":
         p = rng.uniform(8, 18)
         r = p * rng.uniform(0.15, 0.3)
