@@ -69,6 +69,9 @@ class Stage1Config:
     beta_warmup_epochs: float = 0.0
 
 
+DET_ANCHOR_WEIGHTS = ("uniform", "teacher")
+
+
 @dataclass
 class Stage2Config:
     """Encoder and entropy model frozen; decoder fine-tuned with task losses and distillation from the teachers."""
@@ -78,6 +81,10 @@ class Stage2Config:
     lr: float = 2e-4
     kd_weight: float = 0.5  # classification: (1-kd) CE + kd KL, as Ladon
     feature_weight: float = 1.0
+    # detection distillation over the head's anchors: "uniform" (every anchor alike: nearly all are background, so
+    # the few that hold an item barely count) or "teacher" (each anchor weighs by the teacher's best class
+    # probability there plus a small floor: the boxes and scores of the items the teacher sees)
+    det_anchor_weight: str = "uniform"
     # then the segmentation head retrained on the teachers' and the student's body features, best epoch by mIoU on
     # the student's (codec.train.train_semantic_head ``bodies``); 0: the teachers' head as trained on their own
     semantic_head_epochs: int = 0
@@ -148,6 +155,9 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Train
         raise UsageError(f"{source}: stage1.crop {cfg.stage1.crop} must be a multiple of 32 and <= input_size")
     if not cfg.betas or any(b <= 0 for b in cfg.betas):
         raise UsageError(f"{source}: betas {cfg.betas} must be a non-empty list of positive numbers")
+    if cfg.stage2.det_anchor_weight not in DET_ANCHOR_WEIGHTS:
+        raise UsageError(f"{source}: stage2.det_anchor_weight {cfg.stage2.det_anchor_weight!r} must be one of "
+                         f"{', '.join(DET_ANCHOR_WEIGHTS)}")
     if cfg.default_beta is not None and cfg.default_beta not in cfg.betas:
         raise UsageError(f"{source}: default_beta {cfg.default_beta} is not one of betas {cfg.betas}")
     return cfg
