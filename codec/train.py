@@ -23,7 +23,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -209,7 +209,7 @@ def train_teachers(cfg: TrainConfig, run: Path, data_dir: Path) -> MultiTaskTeac
     return teachers
 
 
-def threads_restorer(threads: int):
+def threads_restorer(threads: int) -> Callable[[object], None]:
     """An Ultralytics ``on_pretrain_routine_start`` callback that gives torch ``threads`` threads again: the
     trainer's ``select_device`` has just set ``cpu_count - 1`` (one on a 2-core machine) for CPU training, while
     the dataloader workers augment in their own processes. Measured on this 2-core machine (detector, batch 16,
