@@ -609,13 +609,12 @@ def detection_distillation(student: dict, teacher: dict, anchor_weight: str = "u
     probability (plus ``ANCHOR_FLOOR`` for the scores, so background stays background): a frame has a few items
     among about 1,300 anchors, and a uniform mean is almost all background."""
     target = torch.sigmoid(teacher["scores"])
-    if anchor_weight == "uniform":
-        return F.binary_cross_entropy_with_logits(student["scores"], target) + \
-            F.smooth_l1_loss(student["boxes"], teacher["boxes"])
-    conf = target.amax(1)  # (B, anchors)
-    score_w = conf + ANCHOR_FLOOR
-    scores = F.binary_cross_entropy_with_logits(student["scores"], target, reduction="none").mean(1)
+    scores = F.binary_cross_entropy_with_logits(student["scores"], target, reduction="none").mean(1)  # (B, anchors)
     boxes = F.smooth_l1_loss(student["boxes"], teacher["boxes"], reduction="none").mean(1)
+    if anchor_weight == "uniform":
+        return scores.mean() + boxes.mean()
+    conf = target.amax(1)
+    score_w = conf + ANCHOR_FLOOR
     return (scores * score_w).sum() / score_w.sum() + (boxes * conf).sum() / conf.sum().clamp_min(1e-6)
 
 
