@@ -85,6 +85,10 @@ class Stage2Config:
     # the few that hold an item barely count) or "teacher" (each anchor weighs by the teacher's best class
     # probability there plus a small floor: the boxes and scores of the items the teacher sees)
     det_anchor_weight: str = "uniform"
+    # weight of a class-distribution term at the item anchors: KL from the teacher's softmax over class logits to
+    # the student's, each anchor weighed by the teacher's confidence (codec.train.detection_class_kl). Per-class BCE
+    # matches each probability alone; the KL pulls on which class ranks first, the one the station label reads
+    det_class_kl: float = 0.0
     # then the segmentation head retrained on the teachers' and the student's body features, best epoch by mIoU on
     # the student's (codec.train.train_semantic_head ``bodies``); 0: the teachers' head as trained on their own
     semantic_head_epochs: int = 0
@@ -158,6 +162,9 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Train
     if cfg.stage2.det_anchor_weight not in DET_ANCHOR_WEIGHTS:
         raise UsageError(f"{source}: stage2.det_anchor_weight {cfg.stage2.det_anchor_weight!r} must be one of "
                          f"{', '.join(DET_ANCHOR_WEIGHTS)}")
+    if not 0 <= cfg.stage2.det_class_kl <= 10:
+        raise UsageError(f"{source}: stage2.det_class_kl {cfg.stage2.det_class_kl} must be between 0 (off) and 10, "
+                         f"e.g. 1.0")
     if cfg.default_beta is not None and cfg.default_beta not in cfg.betas:
         raise UsageError(f"{source}: default_beta {cfg.default_beta} is not one of betas {cfg.betas}")
     return cfg

@@ -593,7 +593,10 @@ def stage2_loss(model: SplitModel, x: torch.Tensor, semantic: torch.Tensor, labe
     target = F.interpolate(semantic[:, None].float(), size=l_sem_s.shape[-2:], mode="nearest")[:, 0].long()
     sem_loss = 0.5 * F.cross_entropy(l_sem_s, target) + 0.5 * F.kl_div(
         F.log_softmax(l_sem_s, 1), F.softmax(l_sem_t, 1), reduction="batchmean") / l_sem_s[0, 0].numel()
-    det_loss = detection_distillation(s_det[1]["one2many"], t_det[1]["one2many"], s2.det_anchor_weight)
+    s_raw, t_raw = s_det[1]["one2many"], t_det[1]["one2many"]
+    det_loss = detection_distillation(s_raw, t_raw, s2.det_anchor_weight)
+    if s2.det_class_kl:
+        det_loss = det_loss + s2.det_class_kl * detection_class_kl(s_raw["scores"], t_raw["scores"])
     feat = sum(F.mse_loss(cache[i], t_cache[i]) for i in cfg.stage1.feature_layers)
     loss = cls_loss + sem_loss + det_loss + s2.feature_weight * feat
     return loss, {"cls": float(cls_loss), "sem": float(sem_loss), "det": float(det_loss), "feat": float(feat)}
@@ -616,6 +619,16 @@ def detection_distillation(student: dict, teacher: dict, anchor_weight: str = "u
     conf = target.amax(1)
     score_w = conf + ANCHOR_FLOOR
     return (scores * score_w).sum() / score_w.sum() + (boxes * conf).sum() / conf.sum().clamp_min(1e-6)
+
+
+def detection_class_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL from the teacher's class distribution (softmax over the class logits, (B, classes, anchors)) to the
+    student's at each anchor, weighed by the teacher's best class probability there: the items' anchors, where
+    which garment ranks first decides the name the station label reads."""
+    log_t, log_s = F.log_softmax(teacher, 1), F.log_softmax(student, 1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(1)  # (B, anchors)
+    conf = torch.sigmoid(teacher).amax(1)
+    return (kl * conf).sum() / conf.sum().clamp_min(1e-6)
 
 
 def _first(x):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from codec.train import detection_distillation
+from codec.train import detection_class_kl, detection_distillation
 
 
 def _teacher(anchors: int = 1344, classes: int = 10) -> dict:
@@ -41,3 +41,24 @@ def test_teacher_weighting_pulls_harder_on_the_missed_item():
         grads[weight] = float(student["scores"].grad[0, 3, 100])
     assert grads["uniform"] < 0 and grads["teacher"] < 0  # both raise the item's score ...
     assert grads["teacher"] < 10 * grads["uniform"]  # ... the weighted loss more than 10x as hard
+
+
+def test_class_kl_counts_the_item_class_not_the_background():
+    teacher = _teacher()["scores"]
+    teacher[0, 5, 100] = 1.0  # the item: class 3 first, class 5 second
+    exact = detection_class_kl(teacher.clone(), teacher)
+    swapped = teacher.clone()  # names the item's garment wrong: class 5 first
+    swapped[0, 3, 100], swapped[0, 5, 100] = 1.0, 4.0
+    background = teacher.clone()  # every background anchor's class ranking scrambled, the item exact
+    background[0, :, :100] = torch.randn(10, 100, generator=torch.Generator().manual_seed(1))
+    assert float(exact) < 1e-6
+    assert detection_class_kl(swapped, teacher) > 10 * detection_class_kl(background, teacher)
+
+
+def test_class_kl_raises_the_teachers_class_at_the_item():
+    teacher = _teacher()["scores"]
+    student = teacher.clone()
+    student[0, 3, 100], student[0, 5, 100] = 1.0, 4.0
+    student.requires_grad_(True)
+    detection_class_kl(student, teacher).backward()
+    assert float(student.grad[0, 3, 100]) < 0 < float(student.grad[0, 5, 100])
