@@ -51,6 +51,7 @@ class StudentConfig:
     latent_channels: int = 24
     encoder_channels: list[int] = field(default_factory=lambda: [32, 24])
     decoder_channels: list[int] = field(default_factory=lambda: [96, 64])
+    encoder_kernels: list[int] = field(default_factory=lambda: [5, 5])  # odd sizes of the two stride-2 convolutions
 
 
 @dataclass
@@ -155,6 +156,9 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Train
     if not 0 <= cfg.stage1.beta_warmup_epochs <= cfg.stage1.epochs:
         raise UsageError(f"{source}: stage1.beta_warmup_epochs {cfg.stage1.beta_warmup_epochs} must be between 0 and "
                          f"stage1.epochs ({cfg.stage1.epochs}), e.g. 1")
+    kernels = cfg.student.encoder_kernels
+    if len(kernels) != 2 or any(type(k) is not int or k < 1 or k % 2 == 0 or k > 9 for k in kernels):
+        raise UsageError(f"{source}: student.encoder_kernels {kernels} must be two odd sizes from 1 to 9, e.g. [5, 3]")
     if cfg.stage1.crop % 32 or cfg.stage1.crop > cfg.input_size:
         raise UsageError(f"{source}: stage1.crop {cfg.stage1.crop} must be a multiple of 32 and <= input_size")
     if not cfg.betas or any(b <= 0 for b in cfg.betas):

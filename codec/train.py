@@ -551,6 +551,7 @@ def build_split_model(cfg: TrainConfig, teachers: MultiTaskTeachers) -> SplitMod
     spec = StudentSpec(latent_channels=cfg.student.latent_channels,
                        encoder_channels=tuple(cfg.student.encoder_channels),
                        decoder_channels=tuple(cfg.student.decoder_channels),
+                       encoder_kernels=tuple(cfg.student.encoder_kernels),
                        split_channels=teachers.split_channels)
     return SplitModel(teachers, spec, cfg.input_size)
 

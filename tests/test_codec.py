@@ -310,3 +310,21 @@ def test_box_metric_leaves_no_folders_behind():
     metric.add({"boxes": [[0, 0, 10, 10]], "classes": [1], "scores": [0.9]}, (np.array([[0, 0, 10, 10]]), np.array([1])))
     assert metric.summary()["items_ap50"] > 99
     assert not Path(metric._matcher.save_dir).exists(), metric._matcher.save_dir
+
+
+def test_a_smaller_encoder_kernel_round_trips_and_counts_fewer_macs(codec, frames, tmp_path):
+    from codec.student import StudentSpec, count_macs
+
+    spec = StudentSpec(split_channels=codec.model.spec.split_channels, encoder_kernels=(5, 3))
+    small = SplitCodec.random(input_size=SIZE, seed=0, spec=spec)
+    assert small.fingerprint != codec.fingerprint  # a different architecture is a different model
+    assert "encoder_kernels" not in codec.model.spec.to_dict()  # the default keeps earlier checkpoints' fingerprints
+    assert StudentSpec.from_dict(spec.to_dict()) == spec
+    shape = (1, 3, SIZE, SIZE)
+    assert count_macs(small.model.encoder, shape) < 0.7 * count_macs(codec.model.encoder, shape)
+    edge = load_edge(small.save_edge(tmp_path / "edge.pt"))
+    loaded = load_codec(small.save(tmp_path / "split.pt"))
+    assert loaded.model.spec.encoder_kernels == (5, 3)
+    encoded = edge.encode(frames)
+    assert [e.payload for e in encoded] == [e.payload for e in small.encode(frames)]
+    assert len(loaded.heads(loaded.decode(encoded))) == len(frames)
