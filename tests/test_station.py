@@ -59,8 +59,9 @@ def _truth_as_predictions(frame) -> dict:
 
 def test_station_label_from_items_follows_the_labelling_rule_on_truth():
     """Fed the truth of generated scenes as if predicted, the derived label agrees with the station rule that
-    labelled them on nearly every frame (they differ only where the rule's visible-pixel centroid and the box
-    centre fall on different sides of a band border), and "empty" is exact where no item is near the band."""
+    labelled them on nearly every frame (they differ only where another item's pixels inside a box move the
+    centroid across a band border: 56 of 60 here, 54 with the box centre), and "empty" is exact where no item is
+    near the band."""
     from codec.tasks import _station_from_items
 
     frames = list(SceneGenerator(SceneConfig(size=128, seed=11, compression=False)).frames(60))
@@ -70,7 +71,7 @@ def test_station_label_from_items_follows_the_labelling_rule_on_truth():
     labels = np.array([f.label for f in frames])
     derived = np.array([g["label"] for g in got])
     assert len(set(labels.tolist())) >= 4  # the scenes cover several garments and empty frames
-    assert (derived == labels).mean() >= 0.85, (derived, labels)
+    assert (derived == labels).mean() >= 0.9, (derived, labels)
     for g in got:  # the label leads its top5, "empty" is always a candidate, probabilities in [0, 1]
         assert g["top5"][0][0] == g["label"] and any(c == 0 for c, _ in g["top5"])
         assert all(0.0 <= p <= 1.0 for _, p in g["top5"]) and len(g["top5"]) <= 5
