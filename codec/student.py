@@ -2,8 +2,9 @@
 
 Ladon shape: conv 5x5 stride 2, GDN, conv 5x5 stride 2, GDN, conv 2x2 stride 1 -> latent (b channels at 1/4 of
 the input; the two kernel sizes are configurable). The decoder mirrors it with 2x2 convolutions and inverse GDN
-and emits the teacher's split-point feature (end of the stride-4 stage). Widths are configurable: Ladon's 4b/2b widths cost more multiply-adds
-than a whole YOLO26n at 256 px, so the default keeps the encoder under a tenth of the three teachers.
+and emits the teacher's split-point feature (end of the stride-4 stage). Widths are configurable: Ladon's 4b/2b
+widths cost more multiply-adds than a whole YOLO26n at 256 px, so the default keeps the encoder under a tenth of
+the three teachers.
 """
 from __future__ import annotations
 
