@@ -6,7 +6,7 @@ Suites (rendered fresh each time, through H.264 like a real recording, decoded w
   (``conveyor.belts.HELDOUT_FAMILIES``: never in any training frame) carrying **Fashion-MNIST test-split
   garments** (never seen in training), with the randomised look (camera, lighting, distractors). The frames are
   split over several lines (seeds ``seed``, ``seed + 1``, ...), line k on family k of the suite's belt families in
-  turn, so every family counts alike (:func:`suite_lines`: held-out 3 families x 2 lines, training 8 x 1), and
+  turn, so every family counts alike (:func:`suite_lines`: held-out 3 families x 2 lines, training 9 x 1), and
   each line keeps every ``FRAME_STRIDE``-th frame of its video (the H.264 stream itself has every frame): an item
   crosses the frame in about 30 frames, so consecutive frames would score the same few garments over and over
   (300 consecutive frames on 3 lines hold about 35 garments, 3-4 per class).
