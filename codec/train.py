@@ -626,8 +626,7 @@ def detection_class_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     """KL from the teacher's class distribution (softmax over the class logits, (B, classes, anchors)) to the
     student's at each anchor, weighed by the teacher's best class probability there: the items' anchors, where
     which garment ranks first decides the name the station label reads."""
-    log_t, log_s = F.log_softmax(teacher, 1), F.log_softmax(student, 1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(1)  # (B, anchors)
+    kl = F.kl_div(F.log_softmax(student, 1), F.log_softmax(teacher, 1), reduction="none", log_target=True).sum(1)
     conf = torch.sigmoid(teacher).amax(1)
     return (kl * conf).sum() / conf.sum().clamp_min(1e-6)
 
