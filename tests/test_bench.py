@@ -134,3 +134,23 @@ def test_latency_model_and_media_units():
     assert dec.shape == frames.shape and len(sizes) == 4
     dec, sizes, _, _ = video_roundtrip(frames, "h264", 30)
     assert dec.shape == frames.shape and sum(sizes) > 0
+
+
+def test_equal_accuracy_match_is_monotone_in_bytes():
+    """A baseline point that dips below a cheaper one does not let noise pick the match."""
+    from benchmarks.rate import matches
+
+    def row(setting, b, box, miou, top1):
+        return {"method": "JPEG frames", "setting": setting, "bytes_mean": b,
+                "box_map50_95": box, "miou": miou, "top1": top1}
+
+    rows = [row("q50", 5_000, 40.0, 31.0, 70.0), row("q30", 4_000, 40.0, 33.0, 70.0),
+            row("q70", 9_000, 40.0, 35.0, 70.0), row("q90", 20_000, 40.0, 36.0, 70.0)]
+    split = {"setting": "beta", "bytes_mean": 1_000, "box_map50_95": 40.0, "miou": 33.5, "top1": 70.0}
+    m = matches(rows, split, "JPEG frames")
+    # raw points would take q30 (33.0 within 1 of 33.5); fitted, q30 and q50 pool to 32.0: q70 is the first to reach
+    assert m["all"]["setting"] == "q70" and m["all"]["fitted"]["miou"] == 35.0
+    assert m["miou"]["setting"] == "q70" and m["box_map50_95"]["setting"] == "q30"
+    assert m["all"]["split_over_baseline"] == pytest.approx(1_000 / 9_000)
+    split["miou"] = 40.0
+    assert m != matches(rows, split, "JPEG frames") and matches(rows, split, "JPEG frames")["all"]["setting"] is None
