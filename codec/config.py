@@ -68,6 +68,10 @@ class Stage1Config:
     # beta ramps from 0 over this many epochs: without it the rate term can win before the features matter and
     # the latent collapses to nothing (measured on the detector of 2026-12-07: 0.004 bits per pixel, no learning)
     beta_warmup_epochs: float = 0.0
+    # item pixels' share of the feature error: each feature cell holding an item pixel (the class map, max-pooled to
+    # the feature's grid) counts 1 + this in a weighted mean, the belt 1. Uniform (0) spends bits and error on belt
+    # texture, which no task reads; a weight moves both to the items the tasks are about
+    foreground_weight: float = 0.0
 
 
 DET_ANCHOR_WEIGHTS = ("uniform", "teacher")
@@ -156,6 +160,9 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Train
     if not 0 <= cfg.stage1.beta_warmup_epochs <= cfg.stage1.epochs:
         raise UsageError(f"{source}: stage1.beta_warmup_epochs {cfg.stage1.beta_warmup_epochs} must be between 0 and "
                          f"stage1.epochs ({cfg.stage1.epochs}), e.g. 1")
+    if not 0 <= cfg.stage1.foreground_weight <= 100:
+        raise UsageError(f"{source}: stage1.foreground_weight {cfg.stage1.foreground_weight} must be between 0 (a "
+                         f"uniform feature error) and 100, e.g. 4")
     kernels = cfg.student.encoder_kernels
     if len(kernels) != 2 or any(type(k) is not int or k < 1 or k % 2 == 0 or k > 9 for k in kernels):
         raise UsageError(f"{source}: student.encoder_kernels {kernels} must be two odd sizes from 1 to 9, e.g. [5, 3]")

@@ -561,15 +561,33 @@ def rate_bpp(likelihoods: torch.Tensor, pixels: int) -> torch.Tensor:
     return -torch.log2(likelihoods.clamp_min(1e-9)).sum() / (likelihoods.shape[0] * pixels)
 
 
-def stage1_loss(model: SplitModel, x: torch.Tensor, beta: float, layers: list[int]) -> tuple[torch.Tensor, dict]:
-    """Sum over backbone stages of MSE(student, teacher) + beta * bits per pixel."""
+def stage1_loss(model: SplitModel, x: torch.Tensor, beta: float, layers: list[int],
+                foreground: torch.Tensor | None = None, foreground_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Sum over backbone stages of MSE(student, teacher) + beta * bits per pixel. With ``foreground`` (B, H, W)
+    bool item pixels and ``foreground_weight`` w > 0, each stage's MSE is a weighted mean over its grid: a cell
+    with an item pixel weighs 1 + w, the belt 1 (``foreground_weighted_mse``)."""
     with torch.no_grad():
         target = model.teacher_features(x)
     out = model.forward_train(x)
     # each stage's MSE relative to the teacher feature's variance: beta means the same for any teacher scale
-    mse = sum(F.mse_loss(out["features"][i], target[i]) / target[i].var().clamp_min(1e-6) for i in layers)
+    if foreground is not None and foreground_weight > 0:
+        mse = sum(foreground_weighted_mse(out["features"][i], target[i], foreground, foreground_weight)
+                  / target[i].var().clamp_min(1e-6) for i in layers)
+    else:
+        mse = sum(F.mse_loss(out["features"][i], target[i]) / target[i].var().clamp_min(1e-6) for i in layers)
     bpp = rate_bpp(out["likelihoods"], x.shape[-1] * x.shape[-2])
     return mse + beta * bpp, {"mse": float(mse.detach()), "bpp": float(bpp.detach())}
+
+
+def foreground_weighted_mse(student: torch.Tensor, teacher: torch.Tensor, foreground: torch.Tensor,
+                            weight: float) -> torch.Tensor:
+    """Squared error of a (B, C, h, w) feature, averaged over channels, then a weighted mean over the grid: a cell
+    weighs ``1 + weight`` when any pixel of ``foreground`` (B, H, W) under it is an item (max pooling: a cell on an
+    item's edge counts as the item's), else 1. ``weight`` 0 gives ``F.mse_loss``'s value."""
+    se = (student - teacher).pow(2).mean(1)  # (B, h, w)
+    cells = F.adaptive_max_pool2d(foreground[:, None].float(), se.shape[-2:])[:, 0]
+    w = 1.0 + weight * cells
+    return (se * w).sum() / w.sum()
 
 
 def stage2_loss(model: SplitModel, x: torch.Tensor, semantic: torch.Tensor, labels: torch.Tensor,
@@ -676,7 +694,9 @@ def _student_state(model: SplitModel) -> dict:
 
 
 def run_stage1(cfg: TrainConfig, model: SplitModel, images: np.ndarray, beta: float, stage_dir: Path,
-               resume: bool) -> None:
+               resume: bool, semantic: np.ndarray | None = None) -> None:
+    """Stage 1 at ``beta``; ``semantic`` (N, H, W) class maps give the item pixels when
+    ``stage1.foreground_weight`` > 0."""
     rank, world, device = _dist()
     s1 = cfg.stage1
     named = [(n, p) for n, p in model.named_parameters() if not n.startswith("teachers.")]
@@ -697,6 +717,10 @@ def run_stage1(cfg: TrainConfig, model: SplitModel, images: np.ndarray, beta: fl
     for _ in range(start * steps):
         sched.step()
     warmup_steps = s1.beta_warmup_epochs * steps
+    weigh_items = s1.foreground_weight > 0
+    if weigh_items and (semantic is None or semantic.shape != images.shape[:3]):
+        raise ValueError(f"stage1.foreground_weight {s1.foreground_weight} needs the class maps of the training frames "
+                         f"(frames.npz 'semantic', shape {images.shape[:3]})")
     first_mse: float | None = None
     for epoch in range(start, s1.epochs):
         seen: dict[str, list[float]] = {"mse": [], "bpp": []}
@@ -709,10 +733,16 @@ def run_stage1(cfg: TrainConfig, model: SplitModel, images: np.ndarray, beta: fl
             if len(idx) == 0:
                 continue
             x = torch.from_numpy(images[idx.numpy()]).permute(0, 3, 1, 2).float().div(255.0)
+            fg = None
+            if weigh_items:  # the class maps ride along as a fourth channel so both take the same crop
+                x = torch.cat([x, torch.from_numpy(semantic[idx.numpy()] > 0)[:, None].float()], 1)
             x = _random_crops(x, s1.crop, gen).to(device)
+            if weigh_items:
+                x, fg = x[:, :3], x[:, 3] > 0.5
             done = epoch * steps + step
             beta_now = beta * min(1.0, (done + 1) / warmup_steps) if warmup_steps > 0 else beta
-            loss, parts = stage1_loss(train_model.module if world > 1 else model, x, beta_now, s1.feature_layers)
+            loss, parts = stage1_loss(train_model.module if world > 1 else model, x, beta_now, s1.feature_layers,
+                                      fg, s1.foreground_weight)
             seen["mse"].append(parts["mse"])
             seen["bpp"].append(parts["bpp"])
             opt.zero_grad(set_to_none=True)
@@ -852,7 +882,7 @@ def train(cfg: TrainConfig, resume: bool = False, only_beta: float | None = None
         heads_step = cfg.stage2.semantic_head_epochs > 0 or cfg.stage2.detect_head_epochs > 0
         model = build_split_model(cfg, copy.deepcopy(teachers) if heads_step else teachers)
         tb = time.perf_counter()
-        run_stage1(cfg, model, arrays["images"], beta, out / "stage1", resume)
+        run_stage1(cfg, model, arrays["images"], beta, out / "stage1", resume, arrays["semantic"])
         if cfg.stage2.epochs > 0:
             run_stage2(cfg, model, arrays, out / "stage2", resume)
         if heads_step:  # the heads are shared: the teachers' figures change with them

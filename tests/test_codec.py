@@ -171,6 +171,30 @@ def test_a_training_step_lowers_the_stage1_loss(frames):
     assert all(not p.requires_grad or p.grad is None for p in model.teachers.parameters())
 
 
+def test_foreground_weighted_feature_error():
+    """Stage 1's item weighting: weight 0 is the plain MSE; an error on item cells costs more than the same error
+    on the belt once items weigh more; a cell on an item's edge counts as the item's."""
+    import torch.nn.functional as F
+
+    from codec.train import foreground_weighted_mse
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 8, 4, 4)
+    fg = torch.zeros(2, 16, 16, dtype=torch.bool)
+    fg[:, 0:4, 0:4] = True  # under feature cell (0, 0) only
+    fg[:, 7, 7] = True  # one pixel of cell (1, 1): an edge counts
+    on_item, on_belt = teacher.clone(), teacher.clone()
+    on_item[:, :, 0, 0] += 1.0
+    on_belt[:, :, 3, 3] += 1.0
+    assert float(foreground_weighted_mse(on_item, teacher, fg, 0.0)) == pytest.approx(
+        float(F.mse_loss(on_item, teacher)), rel=1e-6)
+    item, belt = (float(foreground_weighted_mse(s, teacher, fg, 4.0)) for s in (on_item, on_belt))
+    assert item == pytest.approx(5 / (14 + 2 * 5), rel=1e-6) and belt == pytest.approx(1 / 24, rel=1e-6)
+    edge = teacher.clone()
+    edge[:, :, 1, 1] += 1.0
+    assert float(foreground_weighted_mse(edge, teacher, fg, 4.0)) == pytest.approx(item, rel=1e-6)
+
+
 def test_torch_threads_survive_ultralytics_device_setup():
     """Ultralytics' trainer sets torch to cpu_count - 1 threads (one on a 2-core machine) and leaves it so; training
     keeps the heads and the student that follow in the same process on the threads they had."""

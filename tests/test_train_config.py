@@ -28,6 +28,7 @@ def test_shipped_config_loads_and_overrides_apply():
     ("stage1: {epochs: 2, beta_warmup_epochs: 3}\n", "beta_warmup_epochs 3"),
     ("stage2: {det_anchor_weight: focal}\n", "det_anchor_weight 'focal'"),
     ("stage2: {det_class_kl: -1}\n", "det_class_kl -1"),
+    ("stage1: {foreground_weight: -2}\n", "foreground_weight -2"),
     ("student: {encoder_kernels: [5, 4]}\n", "encoder_kernels [5, 4]"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, needle):
