@@ -8,7 +8,9 @@ Export (needs PyTorch, runs at ``train`` export time or by hand)::
 to the integer symbols ``round(encoder(x) - medians)`` (the tensor part only: ONNX has no bytes), and
 ``<stem>.edge.npz`` holds what entropy coding needs (the CDF tables, lengths and offsets of the factorized
 prior), the input size, the latent shape and the model fingerprint. The export runs both models on real
-conveyor frames and fails unless every symbol equals PyTorch's, so payloads are byte-identical to the torch edge.
+conveyor frames and fails unless every symbol equals PyTorch's, so payloads are byte-identical to the torch edge,
+except where PyTorch's unrounded value sits within float error of a rounding boundary (``symbol_mismatches``: the two
+runtimes sum in different orders and may round such a tie apart; it warns with the count).
 
 At run time :class:`OnnxEdgeCodec` imports numpy, onnxruntime and constriction only (no torch, CompressAI or
 Ultralytics); the pipeline's ``edge.encode`` stage uses it when ``--checkpoint`` names a ``.onnx`` file.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,19 @@ from codec.payload import EncodedFrame
 
 FORMAT = "ladon-edge-onnx"
 FORMAT_VERSION = 1
+
+
+TIE_TOL = 1e-4  # |latent - medians| this close to a half-integer: a rounding tie two runtimes may break apart
+
+
+def symbol_mismatches(got: np.ndarray, want: np.ndarray, centred: np.ndarray) -> tuple[int, int]:
+    """(real, ties): where ONNX symbols ``got`` differ from PyTorch's ``want``. A difference counts as a tie when
+    PyTorch's unrounded value ``centred`` (latent - medians) lies within ``TIE_TOL`` of a rounding boundary and the
+    two symbols are neighbours: float sums in another order land on the other side of x.5 (measured: one value at
+    -1.5000008 in 1.57 M, a 3x3 encoder's export). Any other difference is real."""
+    off = got != want
+    tie = (np.abs(np.abs(centred - np.floor(centred)) - 0.5) < TIE_TOL) & (np.abs(got.astype(np.int64) - want) == 1)
+    return int((off & ~tie).sum()), int((off & tie).sum())
 
 
 class EdgeExportError(ValueError):
@@ -156,12 +172,18 @@ def export_edge(codec, base: str | Path, check_frames: np.ndarray | None = None)
         None, {"frames": check_frames})[0]
     with torch.no_grad():
         x = torch.from_numpy(check_frames).permute(0, 3, 1, 2).float().div(255.0)
-        want = symbols_from_latent(codec.entropy_bottleneck, codec.encoder(x))
-    if got.shape != want.shape or not np.array_equal(got, want):
-        diff = int((got != want).sum()) if got.shape == want.shape else -1
+        y = codec.encoder(x)
+        want = symbols_from_latent(codec.entropy_bottleneck, y)
+        centred = (y - codec.entropy_bottleneck._get_medians()).numpy()
+    real, ties = symbol_mismatches(got, want, centred) if got.shape == want.shape else (-1, 0)
+    if real:
         tmp_onnx.unlink(missing_ok=True)
-        raise EdgeExportError(f"ONNX encoder symbols differ from PyTorch's on {diff} of {want.size} elements "
+        raise EdgeExportError(f"ONNX encoder symbols differ from PyTorch's on {real} of {want.size} elements "
                               f"(shapes {got.shape} vs {want.shape}); not exported")
+    if ties:
+        warnings.warn(f"ONNX encoder symbols differ from PyTorch's on {ties} of {want.size} elements, each a rounding "
+                      f"tie (unrounded value within {TIE_TOL} of x.5): payloads holding such a value differ by that "
+                      f"one symbol, and either decodes", stacklevel=2)
     cdf, length, offset = _tables(codec.entropy_bottleneck)
     info = {"format": FORMAT, "version": FORMAT_VERSION, "input_size": s,
             "latent_shape": [int(v) for v in want.shape[1:]],

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from codec.api import SplitCodec
-from codec.edge_onnx import EdgeExportError, OnnxEdgeCodec, edge_paths, export_edge
+from codec.edge_onnx import EdgeExportError, OnnxEdgeCodec, edge_paths, export_edge, symbol_mismatches
 from conveyor.line import ConveyorLine, LineConfig
 from tests.test_pipeline_e2e import ROOT, SERVER_YAML, cmd, env, read_jsonl, write_video
 
@@ -32,6 +32,17 @@ def test_onnx_edge_payloads_equal_torch_edge(exported):
     assert decoded.batch == len(frames)
     with pytest.raises(ValueError, match="letterbox"):
         edge.encode(np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def test_only_rounding_ties_may_differ():
+    """The export check: a neighbouring symbol where PyTorch's value sits on x.5 (within float error) is a tie;
+    the same difference elsewhere, or a jump of two, is a real mismatch."""
+    centred = np.array([[-1.5000008, 0.2, 2.49999, 3.7]], np.float32)
+    want = np.array([[-2, 0, 2, 4]], np.int32)
+    assert symbol_mismatches(want.copy(), want, centred) == (0, 0)
+    assert symbol_mismatches(np.array([[-1, 0, 3, 4]], np.int32), want, centred) == (0, 2)
+    assert symbol_mismatches(np.array([[-1, 1, 2, 5]], np.int32), want, centred) == (2, 1)
+    assert symbol_mismatches(np.array([[0, 0, 2, 4]], np.int32), want, centred) == (1, 0)
 
 
 def test_foreign_files_are_refused(tmp_path, exported):
