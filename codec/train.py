@@ -571,10 +571,11 @@ def stage1_loss(model: SplitModel, x: torch.Tensor, beta: float, layers: list[in
     out = model.forward_train(x)
     # each stage's MSE relative to the teacher feature's variance: beta means the same for any teacher scale
     if foreground is not None and foreground_weight > 0:
-        mse = sum(foreground_weighted_mse(out["features"][i], target[i], foreground, foreground_weight)
-                  / target[i].var().clamp_min(1e-6) for i in layers)
+        def error(s, t):
+            return foreground_weighted_mse(s, t, foreground, foreground_weight)
     else:
-        mse = sum(F.mse_loss(out["features"][i], target[i]) / target[i].var().clamp_min(1e-6) for i in layers)
+        error = F.mse_loss  # the uniform mean, bit for bit as before the weighting existed
+    mse = sum(error(out["features"][i], target[i]) / target[i].var().clamp_min(1e-6) for i in layers)
     bpp = rate_bpp(out["likelihoods"], x.shape[-1] * x.shape[-2])
     return mse + beta * bpp, {"mse": float(mse.detach()), "bpp": float(bpp.detach())}
 
