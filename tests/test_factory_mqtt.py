@@ -3,6 +3,7 @@
 a bounded buffer with counted drops while no broker is there; clear errors for bad options."""
 from __future__ import annotations
 
+import getpass
 import json
 import shutil
 import socket
@@ -38,8 +39,12 @@ class Broker:
         self.port, self.root = port, root
         (root / "db").mkdir(parents=True, exist_ok=True)
         self.conf = root / "mosquitto.conf"
+        # `user`: started as root, mosquitto drops to user "mosquitto", which cannot write into pytest's private
+        # tmp folder: persistence would silently save nothing, sessions would not survive a restart, and which
+        # client reconnects first would decide whether events arrive. Staying the current user keeps it working.
         self.conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                             f"persistence_location {root / 'db'}/\nlog_dest file {root / 'broker.log'}\n")
+                             f"persistence_location {root / 'db'}/\nlog_dest file {root / 'broker.log'}\n"
+                             f"user {getpass.getuser()}\n")
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -59,6 +64,8 @@ class Broker:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # SIGTERM: mosquitto saves its persistence database
             self.proc.wait(10)
+            assert (self.root / "db" / "mosquitto.db").is_file(), \
+                "mosquitto saved no persistence database: " + (self.root / "broker.log").read_text()[-500:]
         self.proc = None
 
 

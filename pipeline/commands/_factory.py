@@ -9,6 +9,7 @@ it listens or connects). With ``--config FILE`` the graph is yours: the options 
 from __future__ import annotations
 
 import argparse
+import getpass
 import shutil
 import socket
 import subprocess
@@ -182,8 +183,10 @@ def local_mosquitto(timeout_s: float = 10.0) -> Iterator[int]:
     root = Path(tempfile.mkdtemp(prefix="ladon-mosquitto-"))
     port = free_port()
     conf = root / "mosquitto.conf"
+    # `user`: started as root, mosquitto would switch to user "mosquitto" and could not write its log in this
+    # private folder; for any other user the line changes nothing
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    f"log_dest file {root / 'mosquitto.log'}\n")
+                    f"log_dest file {root / 'mosquitto.log'}\nuser {getpass.getuser()}\n")
     proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout_s
