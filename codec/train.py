@@ -828,6 +828,15 @@ def run_heads_step(cfg: TrainConfig, model: SplitModel, arrays: dict, data_dir: 
                              log=out / "detect_head.csv", bodies=bodies, features=features)
 
 
+def export_parts(export: str | Path) -> list[Path]:
+    """Every file ``export_default`` writes for ``export``: the checkpoint, its config, the torch edge and the
+    torch-free edge (ONNX + tables)."""
+    from codec.edge_onnx import edge_paths
+
+    export = Path(export)
+    return [export, export.with_suffix(".yaml"), export.with_suffix(".edge.pt"), *edge_paths(export)]
+
+
 def export_default(cfg: TrainConfig, final: Path) -> None:
     """Copy the default-rate checkpoint to ``cfg.export`` (the shipped model), with its config and edge part."""
     if not cfg.export:
@@ -874,7 +883,8 @@ def train(cfg: TrainConfig, resume: bool = False, only_beta: float | None = None
         final = out / "split.pt"
         if final.is_file():
             results[beta] = final
-            if beta == cfg.default_beta and cfg.export and not Path(cfg.export).is_file():
+            # a run whose export was cut short (e.g. the edge export's check failed) is completed on --resume
+            if beta == cfg.default_beta and cfg.export and not all(p.is_file() for p in export_parts(cfg.export)):
                 export_default(cfg, final)
             continue
         seed_everything(cfg.seed)

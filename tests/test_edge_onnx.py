@@ -86,3 +86,18 @@ def test_edge_process_runs_without_torch_against_a_torch_server(tmp_path, export
     rows = read_jsonl(out / "results.jsonl")
     assert [r["frame"] for r in rows] == list(range(n))
     assert all(r["bytes"] > 74 for r in rows)
+
+
+def test_export_parts_name_every_file_the_export_writes(tmp_path):
+    """`train --resume` re-exports when any of `export_parts` is missing (an export cut short by a failed edge
+    check), so the list must hold every file `export_default` writes."""
+    from codec.config import TrainConfig
+    from codec.train import export_default, export_parts
+
+    final = SplitCodec.random(input_size=64, seed=0).save(tmp_path / "beta_1" / "split.pt")
+    cfg = TrainConfig(out=str(tmp_path), export=str(tmp_path / "shipped" / "model.pt"))
+    assert not any(p.exists() for p in export_parts(cfg.export))
+    export_default(cfg, final)
+    written = sorted(p for p in (tmp_path / "shipped").iterdir())
+    assert written == sorted(export_parts(cfg.export))
+    assert OnnxEdgeCodec(edge_paths(cfg.export)[0]).fingerprint == SplitCodec.random(input_size=64, seed=0).fingerprint
