@@ -140,6 +140,21 @@ def probe(kind: str, checkpoint: str, frames: int, n_threads: int = 1) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _onnx_edge(checkpoint: str):
+    """A factory ``threads -> OnnxEdgeCodec`` for the checkpoint's torch-free edge export, or None without one."""
+    try:
+        from codec.edge_onnx import OnnxEdgeCodec, edge_paths
+
+        path = edge_paths(checkpoint)[0]
+        if not path.is_file():
+            return None
+        OnnxEdgeCodec(path)  # fails here, once, on a broken export or without onnxruntime
+        return lambda threads: OnnxEdgeCodec(path, threads=threads)
+    except Exception as exc:  # noqa: BLE001 - the torch edge is still timed; say why the ONNX one is not
+        log.warning("the ONNX edge beside %s is not timed: %s", checkpoint, exc)
+        return None
+
+
 def device_cost(codec, frames: np.ndarray, cfg: dict, checkpoint: str, jpeg_q: int, video_crf: int) -> dict:
     """Encoder vs three local models vs JPEG/H.264 encoding, on one frame at a time."""
     reps = cfg["timing_repeats"]
@@ -157,6 +172,7 @@ def device_cost(codec, frames: np.ndarray, cfg: dict, checkpoint: str, jpeg_q: i
     except Exception as exc:  # noqa: BLE001 - MAC counting of Ultralytics graphs is best effort
         log.warning("could not count the teachers' MACs: %s", exc)
     enc = codec.encode(frame)
+    onnx_edge = _onnx_edge(checkpoint)
     deployed = codec.server_runtime  # onnxruntime when bench attached it (the server's default), else None
     teachers_onnx = _teachers_onnx(codec, x)
     with torch.no_grad():
@@ -164,9 +180,14 @@ def device_cost(codec, frames: np.ndarray, cfg: dict, checkpoint: str, jpeg_q: i
             with threads(n):
                 n_now = torch.get_num_threads()
                 out[f"encoder_tensor_s_{label}"] = median_time(lambda: codec.encoder(x), reps)
-                out[f"encode_s_{label}"] = median_time(lambda: codec.encode(frame), reps)
-                out[f"three_models_s_{label}"] = median_time(
-                    lambda: [m(x) for m in (t.detect, t.semantic, t.classify)], reps)
+                # the device side, interleaved: PyTorch edge, the deployed ONNX edge (same bytes) and full local
+                fns = {"encode": lambda: codec.encode(frame),
+                       "three_models": lambda: [m(x) for m in (t.detect, t.semantic, t.classify)]}
+                if onnx_edge is not None:
+                    edge_rt = onnx_edge(n_now)
+                    fns["encode_onnx"] = lambda: edge_rt.encode(frame)
+                for key, v in interleaved_medians(fns, reps).items():
+                    out[f"{key}_s_{label}"] = v
                 # the server paths side by side, interleaved, every runtime at the same thread count
                 fns = {"shared_multitask": lambda: codec.teachers_on_frames(frame),
                        "server_split_torch": lambda: _with_runtime(codec, None,
@@ -203,5 +224,7 @@ def device_cost(codec, frames: np.ndarray, cfg: dict, checkpoint: str, jpeg_q: i
             log.warning("no ONNX edge export beside %s (python -m codec.edge_onnx --checkpoint %s)", checkpoint,
                         checkpoint)
     out["encoder_speedup_vs_local_1thread"] = out["three_models_s_1thread"] / out["encode_s_1thread"]
+    if "encode_onnx_s_1thread" in out:
+        out["onnx_edge_speedup_vs_local_1thread"] = out["three_models_s_1thread"] / out["encode_onnx_s_1thread"]
     log.info("device cost: %s", {k: v for k, v in out.items() if not isinstance(v, dict)})
     return out

@@ -43,6 +43,11 @@ def tiny_checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quick_bench(tiny_checkpoints, tmp_path_factory):
+    from codec.api import load_codec
+    from codec.edge_onnx import export_edge
+
+    for p in tiny_checkpoints:  # the torch-free edge beside each, as `train` exports it: bench times it too
+        export_edge(load_codec(p, fuse=False), p)
     out = tmp_path_factory.mktemp("bench_out")
     r = _cli("bench", "--quick", "--json", "--out", str(out), "--checkpoints", *map(str, tiny_checkpoints),
              timeout=180)
@@ -90,6 +95,10 @@ def test_quick_bench_numbers_are_sane(quick_bench):
     dev = res["device"]
     assert dev["encoder_params"] > 0 and dev["encoder_macs"] > 0
     assert 0 < dev["encode_s_1thread"] < dev["three_models_s_1thread"]
+    assert 0 < dev["encode_onnx_s_1thread"] < dev["three_models_s_1thread"]  # the deployed edge, interleaved
+    t = res["targets"]["device_time_vs_local"]
+    assert t["edge"] == "onnx" and t["ratio"] == pytest.approx(dev["encode_onnx_s_1thread"] /
+                                                              dev["three_models_s_1thread"])
     # the server paths, timed side by side: the deployed runtime, eager PyTorch, the teachers on both runtimes
     assert dev["server_runtime"] in ("onnxruntime", "torch")
     for key in ("server_split", "server_split_torch", "shared_multitask", "shared_multitask_onnx"):
