@@ -4,8 +4,9 @@ Why: the encoder is the only network the device runs. Narrower or smaller-kernel
 the full recipe lost 1-4 points of accuracy (README). Here the narrow encoder only learns to reproduce the trained
 encoder's latent (mean squared error on the continuous latent, in symbol units, so it directly counts rounding
 errors); the entropy model, decoder, teachers and heads are copied unchanged, so the server side and the rate stay
-what they were. The result is an ordinary checkpoint (its own fingerprint) that `eval`, `edge` and the ONNX export
-take as they are.
+what they were. The result is an ordinary checkpoint (its own fingerprint) written with what `train` exports beside
+a shipped one: ``OUT.yaml`` (the recipe and the source's training config), ``OUT.edge.pt`` and the torch-free
+``OUT.edge.onnx`` + ``.edge.npz``.
 
     python -m codec.shrink --checkpoint models/default.pt --frames runs/RUN/frames.npz \
         --encoder-channels 16 24 --epochs 8 --out runs/shrink16/split.pt [--resume]
@@ -24,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from tqdm import tqdm
 
 import core.offline  # noqa: F401
 from codec.api import SplitCodec, load_codec
+from codec.edge_onnx import export_edge
 from codec.model import SplitModel
 from codec.student import StudentSpec, count_macs
 from core.errors import UsageError
@@ -115,11 +118,18 @@ def shrink(codec: SplitCodec, images: np.ndarray, spec: StudentSpec, out: Path, 
                     "sched": sched.state_dict()}, tmp)
         tmp.replace(last)
     narrow.eval()
+    agree, _ = symbol_agreement(wide, narrow, model.entropy_bottleneck, val_imgs)
     result = SplitCodec(model, codec.entropy_coder)
-    result.save(out, extra={**codec.metadata, "shrunk_from": codec.fingerprint.hex(),
-                            "shrink": {"encoder_channels": list(spec.encoder_channels),
-                                       "encoder_kernels": list(spec.encoder_kernels), "epochs": epochs,
-                                       "batch": batch, "lr": lr, "frames": len(images)}})
+    recipe = {"encoder_channels": list(spec.encoder_channels), "encoder_kernels": list(spec.encoder_kernels),
+              "epochs": epochs, "batch": batch, "lr": lr, "frames": len(images), "seed": seed,
+              "symbols_equal_held_back": round(agree, 5)}
+    result.save(out, extra={**codec.metadata, "shrunk_from": codec.fingerprint.hex(), "shrink": recipe})
+    # what `train` exports beside a shipped checkpoint: the resolved recipe, the torch edge, the torch-free edge
+    with out.with_suffix(".yaml").open("w") as fh:
+        yaml.safe_dump({"shrink": recipe, "source_fingerprint": codec.fingerprint.hex(),
+                        "source_training": codec.metadata.get("config")}, fh, sort_keys=False)
+    result.save_edge(out.with_suffix(".edge.pt"))
+    export_edge(result, out)
     return out
 
 

@@ -39,6 +39,8 @@ def test_the_narrow_encoder_learns_the_wide_latent(source, tmp_path):
     assert torch.equal(narrow.model.entropy_bottleneck.quantiles, codec.model.entropy_bottleneck.quantiles)
     assert narrow.metadata["shrunk_from"] == codec.fingerprint.hex()
     assert len((tmp_path / "narrow.curve.csv").read_text().splitlines()) == 4  # header + one row per epoch
+    from codec.train import export_parts  # exported like a shipped checkpoint: config, torch and ONNX edges
+    assert all(p.is_file() for p in export_parts(out))
     payloads = narrow.encode(images[:2])  # and it codes like any checkpoint
     assert narrow.decode(payloads).batch == 2
     with pytest.raises(UsageError, match="--resume"):
