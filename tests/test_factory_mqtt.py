@@ -3,7 +3,6 @@
 a bounded buffer with counted drops while no broker is there; clear errors for bad options."""
 from __future__ import annotations
 
-import getpass
 import json
 import shutil
 import socket
@@ -18,6 +17,7 @@ import pytest
 from conveyor.classes import ITEM_NAMES
 from conveyor.line import LineConfig
 from core.errors import UsageError
+from pipeline.commands._factory import mosquitto_user_line
 from pipeline.stage import FrameMeta, FrameResult, StageContext, StageStats, create_stage
 from stages.factory.truth import IdentifiedLine, detections_from_truth
 
@@ -44,7 +44,7 @@ class Broker:
         # client reconnects first would decide whether events arrive. Staying the current user keeps it working.
         self.conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
                              f"persistence_location {root / 'db'}/\nlog_dest file {root / 'broker.log'}\n"
-                             f"user {getpass.getuser()}\n")
+                             f"{mosquitto_user_line()}")
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -64,8 +64,9 @@ class Broker:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # SIGTERM: mosquitto saves its persistence database
             self.proc.wait(10)
+            log = self.root / "broker.log"
             assert (self.root / "db" / "mosquitto.db").is_file(), \
-                "mosquitto saved no persistence database: " + (self.root / "broker.log").read_text()[-500:]
+                "mosquitto saved no persistence database: " + (log.read_text()[-500:] if log.is_file() else "no log")
         self.proc = None
 
 

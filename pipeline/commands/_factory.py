@@ -173,6 +173,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def mosquitto_user_line() -> str:
+    """mosquitto's ``user`` line naming the current user: started as root, mosquitto would switch to user
+    "mosquitto" and could not write into a private folder; for any other user the line changes nothing. Empty
+    where the user has no name (a bare UID in a container)."""
+    try:
+        return f"user {getpass.getuser()}\n"
+    except (KeyError, OSError):
+        return ""
+
+
 @contextmanager
 def local_mosquitto(timeout_s: float = 10.0) -> Iterator[int]:
     """A Mosquitto broker on a free 127.0.0.1 port for the length of the block (anonymous, no persistence)."""
@@ -183,10 +193,8 @@ def local_mosquitto(timeout_s: float = 10.0) -> Iterator[int]:
     root = Path(tempfile.mkdtemp(prefix="ladon-mosquitto-"))
     port = free_port()
     conf = root / "mosquitto.conf"
-    # `user`: started as root, mosquitto would switch to user "mosquitto" and could not write its log in this
-    # private folder; for any other user the line changes nothing
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    f"log_dest file {root / 'mosquitto.log'}\nuser {getpass.getuser()}\n")
+                    f"log_dest file {root / 'mosquitto.log'}\n{mosquitto_user_line()}")
     proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout_s
